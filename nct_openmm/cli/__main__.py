@@ -1,0 +1,5 @@
+import sys
+
+from nct_openmm.cli import main
+
+sys.exit(main())

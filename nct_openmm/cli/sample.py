@@ -1,0 +1,96 @@
+"""``nct sample``: unbiased Langevin dynamics that writes ``traj.dcd`` and ``top.pdb`` for training.
+
+Examples
+--------
+``nct sample --system ala2-vacuum --ns 1 --out data/ala2``
+
+``nct sample --pdb protein.pdb --forcefield amber14-all.xml implicit/obc2.xml --ns 1 --out data/protein``
+
+``nct sample --prmtop ala2.prmtop --inpcrd ala2.inpcrd --ns 1 --out data/ala2``
+"""
+import openmm.unit as unit
+
+from nct_openmm.cli import CommandError
+from nct_openmm.simulate import runLangevin
+from nct_openmm.systems import BUILTIN_SYSTEMS, IMPLICIT_SOLVENT_FILES, builtinSystem, getPlatform, userSystem
+
+
+def add_parser(subparsers):
+    """Register the ``sample`` subcommand on ``subparsers``."""
+    parser = subparsers.add_parser(
+        "sample",
+        help="run plain Langevin dynamics and save a trajectory for training",
+        description="Run Langevin dynamics (LangevinMiddleIntegrator) and write OUT/traj.dcd and OUT/top.pdb.",
+    )
+    parser.add_argument("--system", help=f"a built-in system: {', '.join(BUILTIN_SYSTEMS)}")
+    parser.add_argument("--pdb", help="a PDB file with hydrogens (only coordinates when given with --prmtop)")
+    parser.add_argument("--prmtop", help="an Amber topology file (coordinates from --inpcrd or --pdb)")
+    parser.add_argument("--forcefield", nargs="+", help="force-field XML files for --pdb (default: amber14 + TIP3P-FB)")
+    parser.add_argument("--inpcrd", help="Amber coordinates for --prmtop")
+    parser.add_argument(
+        "--implicit-solvent", choices=sorted(IMPLICIT_SOLVENT_FILES), help="implicit solvent for --pdb or --prmtop"
+    )
+    parser.add_argument("--ns", type=float, required=True, help="length of the run in ns")
+    parser.add_argument("--out", required=True, help="output folder (created if missing; its traj.dcd is replaced)")
+    parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K (default: 300)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--platform", help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--precision", choices=("single", "mixed", "double"), help="CUDA/OpenCL precision")
+    parser.add_argument("--threads", type=int, help="threads for the CPU platform")
+    parser.add_argument("--timestep", type=float, default=2.0, help="time step in fs (default: 2)")
+    parser.add_argument("--friction", type=float, default=1.0, help="friction in 1/ps (default: 1)")
+    parser.add_argument("--report-interval", type=float, default=0.5, help="ps between saved frames (default: 0.5)")
+    parser.add_argument("--no-minimize", action="store_true", help="start the dynamics without minimizing")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    """Build the system named by ``args``, run the dynamics and print one line saying what was written."""
+    # Checked before building the system, which can take seconds.
+    platform = getPlatform(args.platform)
+    molecularSystem = _molecularSystem(args)
+    result = runLangevin(
+        molecularSystem,
+        args.out,
+        args.ns,
+        temperature=args.temperature * unit.kelvin,
+        seed=args.seed,
+        platform=platform,
+        timestep=args.timestep * unit.femtoseconds,
+        friction=args.friction / unit.picosecond,
+        reportInterval=args.report_interval * unit.picoseconds,
+        minimize=not args.no_minimize,
+        progress=not args.no_progress,
+        precision=args.precision,
+        threads=args.threads,
+    )
+    print(
+        f"wrote {result.nFrames} frames ({result.ns:g} ns of {molecularSystem.name}, {molecularSystem.nAtoms} atoms) "
+        f"to {result.trajectory} with topology {result.topology}; {result.nsPerDay:.1f} ns/day on {result.platform}"
+    )
+    return 0
+
+
+def _molecularSystem(args):
+    if args.system is None:
+        if args.pdb is None and args.prmtop is None:
+            raise CommandError("give --system, --pdb or --prmtop")
+        return userSystem(
+            pdb=args.pdb,
+            forcefield=args.forcefield,
+            prmtop=args.prmtop,
+            inpcrd=args.inpcrd,
+            implicitSolvent=args.implicit_solvent,
+        )
+    fileOptions = {
+        "--pdb": args.pdb,
+        "--prmtop": args.prmtop,
+        "--forcefield": args.forcefield,
+        "--inpcrd": args.inpcrd,
+        "--implicit-solvent": args.implicit_solvent,
+    }
+    conflicting = [flag for flag, value in fileOptions.items() if value is not None]
+    if conflicting:
+        raise CommandError(f"{', '.join(conflicting)} cannot be combined with --system")
+    return builtinSystem(args.system)

@@ -1,0 +1,232 @@
+"""Point layers: bijections ``Q = f(q)`` of configuration space together with their cotangent lift.
+
+Phase-space convention used throughout nct_openmm: a point of phase space is the pair of row vectors ``(q, p)``
+(positions first, momenta second), each of shape ``(batch, n)``; latent points are ``(Q, P)``. The symplectic form
+is ``J = [[0, I], [-I, 0]]`` in this order.
+
+A point transformation ``Q = f(q)`` becomes canonical when the momenta transform as ``P = p ∂q/∂Q`` (paper Eq. 3):
+every layer here maps positions forward and inverse, and carries momenta through itself in both directions
+(``lift``: ``p ↦ P``; ``unlift``: ``P ↦ p``) with one vector–Jacobian product, never with a full Jacobian.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class PointLayer(nn.Module):
+    """Interface of a layer of a point transformation.
+
+    Subclasses implement :meth:`forward_with_momentum` and :meth:`inverse_with_momentum` (positions and momenta
+    together, sharing one conditioner evaluation) and :meth:`forward` / :meth:`inverse` (positions alone, the fast
+    path used by exported CVs).
+    """
+
+    def forward(self, q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inverse(self, Q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class AffinePoint(PointLayer):
+    """Fixed affine map ``Q = ((q − shift) M) ⊙ scale`` with an invertible matrix ``M``.
+
+    Used to put data into a well-conditioned frame (centring, principal axes, unit variance) before the couplings and
+    to restore the physical scale after them. Momenta transform as ``P = (p M⁻ᵀ) / scale``.
+
+    Examples
+    --------
+    >>> layer = AffinePoint(torch.zeros(2), torch.eye(2), torch.tensor([2.0, 0.5]))
+    >>> layer(torch.tensor([[1.0, 1.0]]))
+    tensor([[2.0000, 0.5000]])
+    """
+
+    def __init__(self, shift: Tensor, matrix: Tensor, scale: Tensor):
+        super().__init__()
+        self.register_buffer("shift", shift.clone())
+        self.register_buffer("matrix", matrix.clone())
+        self.register_buffer("scale", scale.clone())
+
+    @property
+    def matrix_inverse(self) -> Tensor:
+        # Computed, not stored: a stored inverse would keep float32 rounding after the layer is cast to float64.
+        return torch.linalg.inv(self.matrix)
+
+    @classmethod
+    def identity(cls, dim: int, dtype=torch.float32):
+        return cls(torch.zeros(dim, dtype=dtype), torch.eye(dim, dtype=dtype), torch.ones(dim, dtype=dtype))
+
+    def forward(self, q: Tensor) -> Tensor:
+        return ((q - self.shift) @ self.matrix) * self.scale
+
+    def inverse(self, Q: Tensor) -> Tensor:
+        return (Q / self.scale) @ self.matrix_inverse + self.shift
+
+    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        return self.forward(q), (p @ self.matrix_inverse.T) / self.scale
+
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        return self.inverse(Q), (P * self.scale) @ self.matrix.T
+
+
+class LinearPoint(PointLayer):
+    """Learnable linear point transformation ``Q = q exp(A)``, ``P = p exp(−Aᵀ)``.
+
+    This is the linear symplectic layer of the paper's Appendix A1 restricted to ``B = C = 0``: it mixes positions
+    among themselves only, so the transformation stays a point transformation (its ``Q`` depends on ``q`` alone,
+    which is what a collective variable needs). ``A`` starts at zero (the identity).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.generator = nn.Parameter(torch.zeros(dim, dim))
+
+    def _exp(self, sign: float) -> Tensor:
+        return torch.linalg.matrix_exp(sign * self.generator)
+
+    def forward(self, q: Tensor) -> Tensor:
+        return q @ self._exp(1.0).to(q.dtype)
+
+    def inverse(self, Q: Tensor) -> Tensor:
+        return Q @ self._exp(-1.0).to(Q.dtype)
+
+    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        forward, backward = self._exp(1.0).to(q.dtype), self._exp(-1.0).to(q.dtype)
+        return q @ forward, p @ backward.T
+
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        forward, backward = self._exp(1.0).to(Q.dtype), self._exp(-1.0).to(Q.dtype)
+        return Q @ backward, P @ forward.T
+
+
+def mlp(n_in: int, n_out: int, hidden: int, depth: int) -> nn.Sequential:
+    """A smooth MLP (SiLU) whose last layer starts at zero, so that a coupling starts as the identity.
+
+    Smoothness matters twice: forces are gradients of the CV, and training through the momenta differentiates the
+    network twice.
+    """
+    sizes = [n_in] + [hidden] * depth
+    modules: List[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        modules += [nn.Linear(a, b), nn.SiLU()]
+    last = nn.Linear(sizes[-1], n_out)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    modules.append(last)
+    return nn.Sequential(*modules)
+
+
+class AffineCoupling(PointLayer):
+    """RealNVP affine coupling on positions: ``Q_b = q_b ⊙ exp(s(q_a)) + t(q_a)``, ``Q_a = q_a``.
+
+    The conditioner reads only the conditioning coordinates ``a`` and outputs only the transformed ones ``b`` (no
+    weights that multiply masked-out zeros). Scales are bounded, ``s = bound · tanh(·)``, to keep the map well
+    conditioned. Momenta follow from the inverse Jacobian in closed form: ``P_b = p_b ⊙ exp(−s)`` and
+    ``P_a = p_a − (∂Q_b/∂q_a)ᵀ P_b``, the latter one vector–Jacobian product through the conditioner.
+
+    Examples
+    --------
+    >>> layer = AffineCoupling(torch.tensor([0, 2]), torch.tensor([1, 3]), hidden=8, depth=1)
+    >>> q = torch.randn(5, 4)
+    >>> torch.allclose(layer.inverse(layer(q)), q)
+    True
+    """
+
+    def __init__(self, conditioning: Tensor, transformed: Tensor, hidden: int = 64, depth: int = 2,
+                 scale_bound: float = 2.0):
+        super().__init__()
+        self.register_buffer("conditioning", conditioning.clone().long())
+        self.register_buffer("transformed", transformed.clone().long())
+        self.n_transformed = int(transformed.numel())
+        self.scale_bound = float(scale_bound)
+        self.net = mlp(int(conditioning.numel()), 2 * self.n_transformed, hidden, depth)
+
+    def _scale_shift(self, qa: Tensor) -> Tuple[Tensor, Tensor]:
+        out = self.net(qa)
+        s = self.scale_bound * torch.tanh(out[..., : self.n_transformed])
+        t = out[..., self.n_transformed:]
+        return s, t
+
+    def _assemble(self, a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+        out = torch.empty_like(like)
+        out[..., self.conditioning] = a
+        out[..., self.transformed] = b
+        return out
+
+    def forward(self, q: Tensor) -> Tensor:
+        qa, qb = q[..., self.conditioning], q[..., self.transformed]
+        s, t = self._scale_shift(qa)
+        return self._assemble(qa, qb * torch.exp(s) + t, q)
+
+    def inverse(self, Q: Tensor) -> Tensor:
+        Qa, Qb = Q[..., self.conditioning], Q[..., self.transformed]
+        s, t = self._scale_shift(Qa)
+        return self._assemble(Qa, (Qb - t) * torch.exp(-s), Q)
+
+    @staticmethod
+    def _conditioner_vjp(qa: Tensor, s: Tensor, t: Tensor, qb: Tensor, Pb: Tensor, create_graph: bool) -> Tensor:
+        # (∂Q_b/∂q_a)ᵀ P_b at fixed q_b, with Q_b = q_b exp(s(q_a)) + t(q_a); q_b enters only the cotangent, so its
+        # graph (needed for parameter gradients when training) survives without a second conditioner pass.
+        grads = torch.autograd.grad([s, t], [qa], [Pb * qb * torch.exp(s), Pb], create_graph=create_graph)
+        return grads[0]
+
+    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            qa, qb = _grad_leaf(q[..., self.conditioning]), q[..., self.transformed]
+            s, t = self._scale_shift(qa)
+            Pb = p[..., self.transformed] * torch.exp(-s)
+            Pa = p[..., self.conditioning] - self._conditioner_vjp(qa, s, t, qb, Pb, create_graph)
+            Q = self._assemble(qa, qb * torch.exp(s) + t, q)
+        return Q, self._assemble(Pa, Pb, p)
+
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            Qa, Qb = _grad_leaf(Q[..., self.conditioning]), Q[..., self.transformed]
+            s, t = self._scale_shift(Qa)
+            qb = (Qb - t) * torch.exp(-s)
+            Pb = P[..., self.transformed]
+            pa = P[..., self.conditioning] + self._conditioner_vjp(Qa, s, t, qb, Pb, create_graph)
+            q = self._assemble(Qa, qb, Q)
+        return q, self._assemble(pa, Pb * torch.exp(s), P)
+
+
+def _grad_leaf(x: Tensor) -> Tensor:
+    """``x`` itself when it already takes part in autograd, else a detached copy that requires grad."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def coupling_masks(dim: int, n_layers: int, kind: str = "random", seed: int = 0) -> List[Tuple[Tensor, Tensor]]:
+    """Conditioning/transformed index pairs for ``n_layers`` couplings on ``dim`` coordinates.
+
+    ``"alternate"`` splits even/odd indices; ``"random"`` draws a seeded half partition for every pair of layers.
+    Consecutive layers swap the roles of the two halves, so every coordinate is transformed.
+
+    Examples
+    --------
+    >>> [tuple(m[1].tolist()) for m in coupling_masks(4, 2, "alternate")]
+    [(1, 3), (0, 2)]
+    """
+    if dim < 2:
+        raise ValueError(f"couplings need at least 2 coordinates, got {dim}")
+    if kind not in ("random", "alternate"):
+        raise ValueError(f"unknown mask kind {kind!r}: use 'random' or 'alternate'")
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for layer in range(n_layers):
+        if layer % 2 == 0:
+            order = torch.randperm(dim, generator=generator) if kind == "random" else torch.arange(dim)
+            first = order[: dim // 2] if kind == "random" else order[0::2]
+            second = order[dim // 2:] if kind == "random" else order[1::2]
+            pair = (torch.sort(first).values, torch.sort(second).values)
+        else:
+            pair = (masks[-1][1], masks[-1][0])
+        masks.append(pair)
+    return masks

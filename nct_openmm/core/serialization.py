@@ -1,0 +1,52 @@
+"""The versioned model file: one ``torch.save`` archive of plain tensors, numbers and strings.
+
+Loading uses ``weights_only=True``, so a model file can never execute code, and checks a format name and version
+so that a foreign, corrupt or newer file fails with a message that says which.
+"""
+import os
+
+import torch
+
+FORMAT_NAME = "nct_openmm.model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: unreadable, corrupt, foreign or of an unsupported format version."""
+
+
+def save_payload(path, payload: dict) -> None:
+    """Write ``payload`` with the format header; the file appears whole or not at all."""
+    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(document, tmp)
+    os.replace(tmp, path)
+
+
+def load_payload(path, kind: str) -> dict:
+    """Read a file written by :func:`save_payload` and check that it holds a ``kind`` model.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ModelFileError
+        The file is not an nct_openmm model of this version and kind.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for garbage input
+        raise ModelFileError(f"{path} is not a readable nct_openmm model file (corrupt or foreign): "
+                             f"{type(error).__name__}") from error
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} is not an nct_openmm model file (no '{FORMAT_NAME}' header)")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has model format version {version}; this nct_openmm reads version "
+                             f"{FORMAT_VERSION} (re-train or re-export it with a matching nct_openmm)")
+    if document.get("kind") != kind:
+        raise ModelFileError(f"{path} holds a {document.get('kind')!r} model, expected {kind!r}")
+    return document

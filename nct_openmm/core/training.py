@@ -1,0 +1,347 @@
+"""Training loops: maximum likelihood on phase-space samples (paper Eq. 6) and variational free-energy minimisation
+against a Hamiltonian (paper Eq. 5).
+
+Units: the core works in reduced units, ``β = 1``. Molecular data are brought there once, at load time, by
+:mod:`nct_openmm.data` (mass-weighted, divided by ``√kT``); toy Hamiltonians are written in them directly.
+"""
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from .layers import AffinePoint
+from .model import FlowConfig, NCTModel
+
+
+def augment_momenta(q: Tensor, masses=1.0, kT: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Maxwell–Boltzmann momenta for positions ``q``: ``p ~ N(0, m kT)``, drawn fresh at every call.
+
+    Examples
+    --------
+    >>> p = augment_momenta(torch.zeros(100000, 1), masses=4.0, kT=2.0, generator=torch.Generator().manual_seed(0))
+    >>> round(float(p.var()), 1)
+    8.0
+    """
+    std = torch.sqrt(torch.as_tensor(masses, dtype=q.dtype) * kT)
+    return torch.randn(q.shape, generator=generator, dtype=q.dtype, device=q.device) * std
+
+
+def harmonic_initialization(q: Tensor, weights: Optional[Tensor] = None):
+    """The harmonic (PCA) limit of data ``q`` in reduced units, as the starting point of a flow.
+
+    Returns ``(pre, post, frequencies)``: ``pre`` centres, rotates onto the principal axes and whitens; ``post``
+    restores each axis' scale; ``frequencies`` are ``ω_k = 1/σ_k``. A model built from them starts as the linear
+    limit of NCT (so ω need no long walk from 1, and the couplings see unit-variance inputs).
+
+    Raises
+    ------
+    ValueError
+        When the data do not span all coordinates (a rank-deficient covariance makes the density degenerate).
+    """
+    q = q.detach().double()
+    w = torch.ones(len(q), dtype=q.dtype) if weights is None else weights.detach().double()
+    w = w / w.sum()
+    mean = (w[:, None] * q).sum(0)
+    centred = q - mean
+    cov = (w[:, None] * centred).T @ centred
+    eigenvalues, vectors = torch.linalg.eigh(cov)
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    if eigenvalues[-1] <= 1e-10 * eigenvalues[0]:
+        rank = int((eigenvalues > 1e-10 * eigenvalues[0]).sum())
+        raise ValueError(f"the data span only {rank} of {q.shape[1]} coordinates (degenerate covariance); "
+                         "remove constrained or rigid-body directions first")
+    sigma = torch.sqrt(eigenvalues)
+    dim = q.shape[1]
+    pre = AffinePoint(mean.float(), vectors.float(), (1.0 / sigma).float())
+    post = AffinePoint(torch.zeros(dim), torch.eye(dim), sigma.float())
+    return pre, post, (1.0 / sigma).float()
+
+
+def model_from_data(config: FlowConfig, q: Tensor, weights: Optional[Tensor] = None) -> NCTModel:
+    """An untrained :class:`NCTModel` that starts at the harmonic limit of ``q`` (see
+    :func:`harmonic_initialization`)."""
+    pre, post, frequencies = harmonic_initialization(q, weights)
+    return NCTModel(config, frequencies=frequencies, pre=pre, post=post)
+
+
+@dataclass
+class TrainingHistory:
+    """What a training run did: losses per evaluation, learning rates, timing and how it stopped."""
+
+    step: List[int] = field(default_factory=list)
+    train_loss: List[float] = field(default_factory=list)
+    val_loss: List[float] = field(default_factory=list)
+    lr: List[float] = field(default_factory=list)
+    elapsed: List[float] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    stopped: str = ""
+
+    @property
+    def final_loss(self) -> float:
+        return self.val_loss[-1] if self.val_loss else math.nan
+
+
+class Trainer:
+    """Adam with ``ReduceLROnPlateau`` on a monitored loss, early stopping, seeded randomness, resumable checkpoints.
+
+    ``loss_fn(generator, step)`` returns a scalar training loss; ``evaluate_fn()`` returns the monitored loss
+    (a validation loss, or a fresh large-batch estimate). ``extra_state`` is a dict the loss function keeps its own
+    state in (e.g. the position in an epoch); it is checkpointed and restored in place. Every ``eval_every`` steps the monitored loss drives the
+    learning-rate schedule, early stopping and the best-weights copy. A checkpoint holds the model, optimiser,
+    scheduler, generator state and history, so resuming reproduces an uninterrupted run exactly.
+    """
+
+    def __init__(self, model: NCTModel, loss_fn: Callable, evaluate_fn: Callable, *, lr: float = 1e-3,
+                 frequency_lr_factor: float = 10.0, eval_every: int = 100, patience: int = 10,
+                 lr_patience: int = 3, lr_factor: float = 0.5, min_lr: float = 1e-5, seed: int = 0,
+                 checkpoint: Optional[str] = None, checkpoint_every: int = 0, progress: bool = True,
+                 description: str = "training", extra_state: Optional[dict] = None):
+        self.model = model
+        self.extra_state = extra_state if extra_state is not None else {}
+        self.loss_fn, self.evaluate_fn = loss_fn, evaluate_fn
+        frequency_params = [model.prior.log_omega]
+        other = [p for name, p in model.named_parameters() if name != "prior.log_omega"]
+        # ω often sits orders of magnitude from its initial value; its own, larger step size keeps it from
+        # being the slowest parameter to converge.
+        self.optimizer = torch.optim.Adam([{"params": other, "lr": lr},
+                                           {"params": frequency_params, "lr": lr * frequency_lr_factor}])
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=lr_factor,
+                                                                    patience=lr_patience, min_lr=min_lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_every, self.patience, self.min_lr = eval_every, patience, min_lr
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.progress, self.description = progress, description
+        self.history = TrainingHistory()
+        self.step_count = 0
+        self._best_state = None
+        self._stale = 0
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "history": self.history.__dict__.copy(), "step": self.step_count, "stale": self._stale,
+                "best_state": self._best_state, "extra_state": dict(self.extra_state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.history = TrainingHistory(**state["history"])
+        self.step_count, self._stale, self._best_state = state["step"], state["stale"], state["best_state"]
+        self.extra_state.update(state["extra_state"])
+
+    def save_checkpoint(self, path: Optional[str] = None) -> None:
+        path = path or self.checkpoint
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Continue from a checkpoint if one exists; returns whether it did."""
+        path = path or self.checkpoint
+        if not path or not os.path.exists(path):
+            return False
+        self.load_state_dict(torch.load(path, weights_only=True))
+        return True
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def fit(self, max_steps: int) -> TrainingHistory:
+        """Train until ``max_steps`` steps in total (counting resumed ones), a plateau, or the minimum rate."""
+        torch.set_flush_denormal(True)  # decayed weights as float32 denormals slow every matmul several-fold
+        start = time.perf_counter() - (self.history.elapsed[-1] if self.history.elapsed else 0.0)
+        bar = _progress_bar(max_steps, self.step_count, self.description, self.progress)
+        running = []
+        self.model.train()
+        while self.step_count < max_steps and not self.history.stopped:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.generator, self.step_count)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {self.step_count}; lower "
+                                         "the learning rate or check the data")
+            loss.backward()
+            self.optimizer.step()
+            self.step_count += 1
+            running.append(float(loss.detach()))
+            bar.update(1)
+            if self.step_count % self.eval_every == 0:
+                self._evaluate(sum(running) / len(running), time.perf_counter() - start, schedule=True)
+                running = []
+                bar.set_postfix(loss=f"{self.history.train_loss[-1]:.4g}", val=f"{self.history.val_loss[-1]:.4g}",
+                                lr=f"{self.history.lr[-1]:.2g}")
+            if self.checkpoint and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.checkpoint:
+            self.save_checkpoint()
+        if running:
+            # Outside the schedule and after the last checkpoint, so a resumed run matches an uninterrupted one.
+            self._evaluate(sum(running) / len(running), time.perf_counter() - start, schedule=False)
+        self.history.stopped = self.history.stopped or "max_steps"
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        self.model.eval()
+        return self.history
+
+    def _evaluate(self, train_loss: float, elapsed: float, schedule: bool) -> None:
+        self.model.eval()
+        val = float(self.evaluate_fn())
+        self.model.train()
+        h = self.history
+        h.step.append(self.step_count)
+        h.train_loss.append(train_loss)
+        h.val_loss.append(val)
+        h.lr.append(self.optimizer.param_groups[0]["lr"])
+        h.elapsed.append(elapsed)
+        if val < h.best_val_loss - 1e-4 * max(1.0, abs(h.best_val_loss)):
+            h.best_val_loss = val
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self._stale = 0
+        elif schedule:
+            self._stale += 1
+        if not schedule:
+            return
+        self.scheduler.step(val)
+        if self._stale >= self.patience:
+            h.stopped = "plateau"
+        elif self.optimizer.param_groups[0]["lr"] <= self.min_lr * (1 + 1e-9) and self._stale >= 1:
+            h.stopped = "min_lr"
+
+
+def _progress_bar(total: int, initial: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+# --- maximum likelihood (Eq. 6) ---------------------------------------------------------------------------------
+def negative_log_likelihood(model: NCTModel, q: Tensor, p: Tensor, weights: Optional[Tensor] = None,
+                            create_graph: bool = False) -> Tensor:
+    """Weighted mean of ``−ln ρ(q, p)`` over a batch."""
+    nll = -model.log_prob(q, p, create_graph=create_graph)
+    if weights is None:
+        return nll.mean()
+    return (weights * nll).sum() / weights.sum()
+
+
+def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = None,
+                   q_val: Optional[Tensor] = None, weights_val: Optional[Tensor] = None, masses=1.0,
+                   kT: float = 1.0, batch_size: int = 256, max_steps: int = 20000, eval_every: Optional[int] = None,
+                   lr: float = 1e-3, patience: int = 10, seed: int = 0, checkpoint: Optional[str] = None,
+                   checkpoint_every: int = 0, resume: bool = True, progress: bool = True,
+                   **trainer_options) -> TrainingHistory:
+    """Maximum-likelihood training on configurations ``q`` augmented with fresh Maxwell–Boltzmann momenta.
+
+    Parameters
+    ----------
+    model : NCTModel
+        Trained in place; on return it holds the weights of the best validation loss.
+    q : Tensor (n_frames, dim)
+        Training configurations (reduced units unless ``masses``/``kT`` say otherwise).
+    weights : Tensor (n_frames,), optional
+        Per-frame statistical weights (e.g. reweighting factors of a biased run).
+    q_val, weights_val : Tensor, optional
+        Held-out frames for the monitored loss; by default the training frames.
+    masses, kT
+        Momenta are drawn from ``N(0, masses·kT)`` for every batch (fresh each time).
+    batch_size, max_steps, eval_every, lr, patience, seed
+        Optimisation settings; one evaluation per epoch by default.
+    checkpoint, checkpoint_every, resume
+        Checkpoint file, how often to write it (steps), and whether to continue from an existing one.
+
+    Examples
+    --------
+    >>> q = torch.randn(512, 2) * torch.tensor([3.0, 0.5])
+    >>> model = model_from_data(FlowConfig(dim=2, n_couplings=2, hidden=8), q)
+    >>> history = fit_likelihood(model, q, max_steps=20, progress=False)
+    >>> [round(w) for w in model.frequencies().tolist()]
+    [0, 2]
+    """
+    if len(q) < batch_size:
+        raise ValueError(f"{len(q)} training frames are fewer than one batch of {batch_size}")
+    q_val = q if q_val is None else q_val
+    weights_val = weights if q_val is q and weights_val is None else weights_val
+    order = {"perm": torch.empty(0, dtype=torch.long), "pos": 0}
+
+    def loss_fn(generator, step):
+        if order["pos"] + batch_size > len(order["perm"]):
+            order["perm"], order["pos"] = torch.randperm(len(q), generator=generator), 0
+        idx = order["perm"][order["pos"]: order["pos"] + batch_size]
+        order["pos"] += batch_size
+        qb = q[idx]
+        pb = augment_momenta(qb, masses, kT, generator)
+        return negative_log_likelihood(model, qb, pb, None if weights is None else weights[idx], create_graph=True)
+
+    eval_generator = torch.Generator().manual_seed(seed + 1)
+
+    def evaluate_fn():
+        # The same momenta at every evaluation, so that changes in the monitored loss come from the model alone.
+        eval_generator.manual_seed(seed + 1)
+        total, norm = 0.0, 0.0
+        for start in range(0, len(q_val), 4096):
+            qb = q_val[start: start + 4096]
+            pb = augment_momenta(qb, masses, kT, eval_generator)
+            wb = torch.ones(len(qb)) if weights_val is None else weights_val[start: start + 4096]
+            with torch.no_grad():
+                total += float((wb * -model.log_prob(qb, pb)).sum())
+            norm += float(wb.sum())
+        return total / norm
+
+    trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every or max(1, len(q) // batch_size),
+                      patience=patience, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                      progress=progress, description="max. likelihood", extra_state=order, **trainer_options)
+    if resume:
+        trainer.resume()
+    return trainer.fit(max_steps)
+
+
+# --- variational (Eq. 5) ----------------------------------------------------------------------------------------
+def variational_loss(model: NCTModel, hamiltonian: Callable, n: int, beta: float = 1.0,
+                     generator: Optional[torch.Generator] = None, create_graph: bool = True) -> Tensor:
+    """Monte-Carlo estimate of ``E_{x∼ρ}[ln ρ(x) + βH(x)]`` with the reparameterisation trick.
+
+    ``x = T⁻¹(z)`` for ``z`` from the prior; since the Jacobian is one, ``ln ρ(x) = ln N(z)``. The value is an
+    upper bound of ``−ln Z`` (the variational free energy in units of kT).
+    """
+    Q, P = model.prior.sample(n, generator)
+    log_rho = model.prior.log_prob(Q, P)
+    q, p = model.decode(Q, P, create_graph=create_graph)
+    return (log_rho + beta * hamiltonian(q, p)).mean()
+
+
+def fit_variational(model: NCTModel, hamiltonian: Callable, *, beta: float = 1.0, batch_size: int = 512,
+                    max_steps: int = 3000, eval_every: int = 100, eval_batch: int = 8192, lr: float = 3e-3,
+                    patience: int = 8, seed: int = 0, checkpoint: Optional[str] = None, checkpoint_every: int = 0,
+                    resume: bool = True, progress: bool = True, **trainer_options) -> TrainingHistory:
+    """Variational training against ``hamiltonian(q, p) -> (batch,)`` (torch-differentiable), paper Eq. 5.
+
+    The monitored loss is the variational free energy on a fixed large batch (``eval_batch``).
+
+    Examples
+    --------
+    >>> H = lambda q, p: 0.5 * (p ** 2).sum(-1) + 2.0 * (q ** 2).sum(-1)
+    >>> model = NCTModel(FlowConfig(dim=2, n_couplings=2, hidden=8))
+    >>> history = fit_variational(model, H, max_steps=300, progress=False)
+    >>> [round(w, 1) for w in model.frequencies().tolist()]
+    [2.0, 2.0]
+    """
+    def loss_fn(generator, step):
+        return variational_loss(model, hamiltonian, batch_size, beta, generator)
+
+    def evaluate_fn():
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            return float(variational_loss(model, hamiltonian, eval_batch, beta, generator, create_graph=False))
+
+    trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every, patience=patience, seed=seed,
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
+                      description="variational", **trainer_options)
+    if resume:
+        trainer.resume()
+    return trainer.fit(max_steps)

@@ -1,0 +1,268 @@
+"""Physics of the flow core: bijectivity, the symplectic condition, unit Jacobian, the cotangent lift, the prior,
+and the persistence of models and training."""
+import math
+
+import pytest
+import torch
+
+from nct_openmm.core import (AffineCoupling, AffinePoint, FlowConfig, LinearPoint, LinearSymplectic, ModelFileError,
+                             NCTModel, coupling_masks, fit_likelihood, fit_variational, model_from_data)
+from nct_openmm.core.serialization import save_payload
+
+DIM = 6
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def randomize(module, seed=0, std=0.4):
+    """Random weights everywhere (an untrained flow is the identity and would prove nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return module
+
+
+def random_affine(dim, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(dim, dim, generator=generator) + 3 * torch.eye(dim)
+    return AffinePoint(torch.randn(dim, generator=generator), matrix, torch.rand(dim, generator=generator) + 0.5)
+
+
+def point_layers():
+    conditioning, transformed = coupling_masks(DIM, 1, "random", seed=3)[0]
+    return {
+        "coupling": randomize(AffineCoupling(conditioning, transformed, hidden=16, depth=2)),
+        "linear_point": randomize(LinearPoint(DIM), std=0.2),
+        "affine": random_affine(DIM),
+    }
+
+
+def full_model(dtype=torch.float64, linear_symplectic=False, seed=0, std=0.2):
+    config = FlowConfig(dim=DIM, n_couplings=4, hidden=16, linear_symplectic=linear_symplectic)
+    model = NCTModel(config, pre=random_affine(DIM, 5), post=random_affine(DIM, 6))
+    return randomize(model, seed, std=std).to(dtype)
+
+
+def phase_space_map(layer_or_model):
+    """The map x = (q, p) ↦ z = (Q, P) as a function of one flat vector, for Jacobians."""
+    def f(x):
+        q, p = x[:DIM][None], x[DIM:][None]
+        if isinstance(layer_or_model, NCTModel):
+            Q, P = layer_or_model.encode(q, p, create_graph=True)
+        elif isinstance(layer_or_model, LinearSymplectic):
+            Q, P = layer_or_model(q, p)
+        else:
+            Q, P = layer_or_model.forward_with_momentum(q, p, create_graph=True)
+        return torch.cat([Q[0], P[0]])
+    return f
+
+
+def symplectic_form(n, dtype=torch.float64):
+    J = torch.zeros(2 * n, 2 * n, dtype=dtype)
+    J[:n, n:] = torch.eye(n, dtype=dtype)
+    J[n:, :n] = -torch.eye(n, dtype=dtype)
+    return J
+
+
+SYMPLECTIC_MAPS = {**{name: (lambda name=name: point_layers()[name]) for name in ("coupling", "linear_point",
+                                                                                    "affine")},
+                   "linear_symplectic": lambda: randomize(LinearSymplectic(DIM), std=0.2),
+                   "model": lambda: full_model(),
+                   "model_with_linear_symplectic": lambda: full_model(linear_symplectic=True)}
+
+
+@pytest.mark.parametrize("name", SYMPLECTIC_MAPS)
+def test_symplectic_condition_and_unit_jacobian(name):
+    mapping = SYMPLECTIC_MAPS[name]().double()
+    J = symplectic_form(DIM)
+    for seed in range(3):
+        x = torch.randn(2 * DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        M = torch.func.jacrev(phase_space_map(mapping))(x)
+        assert torch.allclose(M @ J @ M.T, J, atol=1e-8, rtol=0)
+        assert abs(torch.linalg.slogdet(M).logabsdet) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["coupling", "linear_point", "affine"])
+def test_point_layer_bijective_with_momenta(name, dtype):
+    layer = point_layers()[name].to(dtype)
+    generator = torch.Generator().manual_seed(7)
+    q, p = torch.randn(32, DIM, generator=generator).to(dtype), torch.randn(32, DIM, generator=generator).to(dtype)
+    Q, P = layer.forward_with_momentum(q, p, create_graph=False)
+    q2, p2 = layer.inverse_with_momentum(Q, P, create_graph=False)
+    tol = TOLERANCE[dtype]
+    assert torch.allclose(q2, q, atol=tol, rtol=tol) and torch.allclose(p2, p, atol=tol, rtol=tol)
+    assert torch.allclose(layer(q), Q, atol=tol) and torch.allclose(layer.inverse(Q), q, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("linear_symplectic", [False, True])
+def test_model_bijective(dtype, linear_symplectic):
+    # Weights of a trained model's size; the float32 bound then holds with room to spare.
+    model = full_model(dtype, linear_symplectic, std=0.05)
+    generator = torch.Generator().manual_seed(11)
+    q, p = torch.randn(64, DIM, generator=generator).to(dtype), torch.randn(64, DIM, generator=generator).to(dtype)
+    Q, P = model.encode(q, p)
+    q2, p2 = model.decode(Q, P)
+    tol = TOLERANCE[dtype] * 10  # several layers of rounding
+    assert torch.allclose(q2, q, atol=tol, rtol=tol) and torch.allclose(p2, p, atol=tol, rtol=tol)
+
+
+def test_cotangent_lift_equals_autograd_definition():
+    """P = p ∂q/∂Q, with ∂q/∂Q the full Jacobian of the inverse point map from autograd."""
+    model = full_model()
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        q = torch.randn(DIM, dtype=torch.float64, generator=generator)
+        p = torch.randn(DIM, dtype=torch.float64, generator=generator)
+        Q, P = model.encode(q[None], p[None])
+        dq_dQ = torch.func.jacrev(lambda Q_: model.inverse_transform(Q_[None])[0])(Q[0])
+        assert torch.allclose(P[0], p @ dq_dQ, atol=1e-10)
+        assert torch.allclose(Q[0], model.transform(q[None])[0], atol=1e-12)
+
+
+def test_point_transformation_latent_positions_ignore_momenta():
+    model = full_model()
+    q = torch.randn(4, DIM, dtype=torch.float64)
+    Q1, _ = model.encode(q, torch.randn(4, DIM, dtype=torch.float64))
+    Q2, _ = model.encode(q, torch.randn(4, DIM, dtype=torch.float64))
+    assert torch.allclose(Q1, Q2)
+    with pytest.raises(ValueError, match="point transformation"):
+        full_model(linear_symplectic=True).transform(q)
+
+
+def test_prior_density_is_normalised():
+    """Integrate exp(ln N) on a grid in one mode (the modes factorise), for two frequencies."""
+    for omega in (0.3, 4.0):
+        model = NCTModel(FlowConfig(dim=1, linear_point=False), frequencies=torch.tensor([omega])).double()
+        Q = torch.linspace(-12 / omega, 12 / omega, 801, dtype=torch.float64)
+        P = torch.linspace(-12, 12, 801, dtype=torch.float64)
+        grid_Q, grid_P = torch.meshgrid(Q, P, indexing="ij")
+        density = torch.exp(model.prior.log_prob(grid_Q.reshape(-1, 1), grid_P.reshape(-1, 1)))
+        integral = density.sum() * (Q[1] - Q[0]) * (P[1] - P[0])
+        assert abs(float(integral.detach()) - 1.0) < 1e-6
+
+
+def test_prior_samples_have_the_harmonic_variances():
+    model = NCTModel(FlowConfig(dim=3), frequencies=torch.tensor([0.5, 1.0, 3.0]))
+    Q, P = model.prior.sample(200000, torch.Generator().manual_seed(0))
+    assert torch.allclose(Q.var(0), torch.tensor([4.0, 1.0, 1 / 9]), rtol=0.02)
+    assert torch.allclose(P.var(0), torch.ones(3), rtol=0.02)
+
+
+def test_frequencies_sorted_and_slow_modes_follow_them():
+    model = NCTModel(FlowConfig(dim=3, n_couplings=2), frequencies=torch.tensor([2.0, 0.5, 1.0]))
+    assert model.frequencies().tolist() == [0.5, 1.0, 2.0]
+    q = torch.randn(5, 3)
+    Q = model.transform(q)
+    assert torch.allclose(model.slow_modes(q, 2), Q[:, [1, 2]])
+    assert torch.allclose(model.slow_modes(q, 1, scaled=True), Q[:, [1]] * 0.5)
+
+
+def test_mode_signs_are_deterministic():
+    q = torch.randn(4000, 2) * torch.tensor([2.0, 1.0])
+    q[:, 0] = q[:, 0].abs() - 1.5  # skewed slow mode
+    model = model_from_data(FlowConfig(dim=2, n_couplings=2, hidden=8), q)
+    model.fix_mode_signs(q)
+    slow = model.slow_modes(q, 1)[:, 0]
+    assert float(((slow - slow.mean()) ** 3).mean()) > 0
+
+
+def test_model_file_round_trip(tmp_path):
+    model = full_model(torch.float32)
+    path = tmp_path / "flow.pt"
+    model.save(path, metadata={"note": "test"})
+    loaded = NCTModel.load(path)
+    q, p = torch.randn(8, DIM), torch.randn(8, DIM)
+    for a, b in zip(model.encode(q, p), loaded.encode(q, p)):
+        assert torch.equal(a, b)
+    assert loaded.metadata == {"note": "test"}
+
+
+def test_bad_model_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        NCTModel.load(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a model")
+    with pytest.raises(ModelFileError, match="corrupt or foreign"):
+        NCTModel.load(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ModelFileError, match="not an nct_openmm model"):
+        NCTModel.load(foreign)
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "nct_openmm.model", "format_version": 99, "kind": "flow"}, newer)
+    with pytest.raises(ModelFileError, match="version 99"):
+        NCTModel.load(newer)
+
+
+def _anisotropic_data(n=2048, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, 3, generator=generator) * torch.tensor([3.0, 1.0, 0.3])
+    q[:, 1] += 0.3 * q[:, 0] ** 2 / 3.0
+    return q
+
+
+def test_likelihood_checkpoint_resumes_to_identical_numbers(tmp_path):
+    q = _anisotropic_data()
+    config = FlowConfig(dim=3, n_couplings=2, hidden=16)
+    options = dict(batch_size=100, eval_every=7, progress=False, seed=3)
+
+    uninterrupted = model_from_data(config, q)
+    history = fit_likelihood(uninterrupted, q, max_steps=30, **options)
+
+    checkpoint = str(tmp_path / "ckpt.pt")
+    first = model_from_data(config, q)
+    fit_likelihood(first, q, max_steps=13, checkpoint=checkpoint, checkpoint_every=13, **options)
+    resumed = model_from_data(config, q)
+    history_resumed = fit_likelihood(resumed, q, max_steps=30, checkpoint=checkpoint, **options)
+
+    assert history_resumed.val_loss == history.val_loss
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_variational_checkpoint_resumes_to_identical_numbers(tmp_path):
+    def hamiltonian(q, p):
+        return 0.5 * (p ** 2).sum(-1) + 0.5 * (q ** 2 * torch.tensor([0.25, 4.0])).sum(-1)
+
+    config = FlowConfig(dim=2, n_couplings=2, hidden=8)
+    options = dict(batch_size=64, eval_every=5, eval_batch=256, progress=False, seed=1)
+    uninterrupted = NCTModel(config)
+    fit_variational(uninterrupted, hamiltonian, max_steps=20, **options)
+    checkpoint = str(tmp_path / "ckpt.pt")
+    fit_variational(NCTModel(config), hamiltonian, max_steps=10, checkpoint=checkpoint, checkpoint_every=10,
+                    **options)
+    resumed = NCTModel(config)
+    fit_variational(resumed, hamiltonian, max_steps=20, checkpoint=checkpoint, **options)
+    for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_likelihood_recovers_gaussian_frequencies():
+    """For Gaussian data with standard deviations σ_k the maximum-likelihood ω_k are 1/σ_k; training starts from
+    ω = 1 (not from the data) so that the frequencies have to move."""
+    generator = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([2.0, 1.0, 0.5])
+    q = torch.randn(4096, 3, generator=generator) * sigma
+    model = NCTModel(FlowConfig(dim=3, n_couplings=2, hidden=16))
+    fit_likelihood(model, q, max_steps=400, lr=3e-3, progress=False)
+    assert torch.allclose(model.frequencies(), torch.sort(1 / q.std(0)).values, rtol=0.03)
+
+
+def test_weights_reweight_the_likelihood():
+    """Frames weighted 4:1 between two Gaussian widths: the fitted variance follows the weights."""
+    generator = torch.Generator().manual_seed(0)
+    narrow, wide = torch.randn(4096, 2, generator=generator) * 0.5, torch.randn(4096, 2, generator=generator) * 2
+    q = torch.cat([narrow, wide])
+    weights = torch.cat([torch.full((4096,), 4.0), torch.ones(4096)])
+    expected_var = (4 * 0.25 + 1 * 4.0) / 5
+    model = model_from_data(FlowConfig(dim=2, n_couplings=0), q, weights)
+    assert torch.allclose(model.prior.frequencies().detach(), torch.full((2,), 1 / math.sqrt(expected_var)),
+                          rtol=0.05)
+
+
+def test_too_few_frames_for_a_batch():
+    q = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        fit_likelihood(NCTModel(FlowConfig(dim=2)), q, batch_size=64, progress=False)
