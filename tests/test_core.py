@@ -266,3 +266,11 @@ def test_too_few_frames_for_a_batch():
     q = torch.randn(10, 2)
     with pytest.raises(ValueError, match="fewer than one batch"):
         fit_likelihood(NCTModel(FlowConfig(dim=2)), q, batch_size=64, progress=False)
+
+
+def test_training_keeps_the_best_validation_weights():
+    q = _anisotropic_data()
+    model = model_from_data(FlowConfig(dim=3, n_couplings=2, hidden=16), q)
+    history = fit_likelihood(model, q, max_steps=60, batch_size=128, eval_every=10, progress=False)
+    assert history.best_val_loss == min(history.val_loss)
+    assert history.best_val_loss < history.val_loss[0]

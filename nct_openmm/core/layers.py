@@ -145,6 +145,7 @@ class AffineCoupling(PointLayer):
         super().__init__()
         self.register_buffer("conditioning", conditioning.clone().long())
         self.register_buffer("transformed", transformed.clone().long())
+        self.register_buffer("unpermute", torch.argsort(torch.cat([conditioning, transformed]).long()))
         self.n_transformed = int(transformed.numel())
         self.scale_bound = float(scale_bound)
         self.net = mlp(int(conditioning.numel()), 2 * self.n_transformed, hidden, depth)
@@ -155,21 +156,21 @@ class AffineCoupling(PointLayer):
         t = out[..., self.n_transformed:]
         return s, t
 
-    def _assemble(self, a: Tensor, b: Tensor, like: Tensor) -> Tensor:
-        out = torch.empty_like(like)
-        out[..., self.conditioning] = a
-        out[..., self.transformed] = b
-        return out
+    def _split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return x.index_select(-1, self.conditioning), x.index_select(-1, self.transformed)
+
+    def _assemble(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([a, b], dim=-1).index_select(-1, self.unpermute)
 
     def forward(self, q: Tensor) -> Tensor:
-        qa, qb = q[..., self.conditioning], q[..., self.transformed]
+        qa, qb = self._split(q)
         s, t = self._scale_shift(qa)
-        return self._assemble(qa, qb * torch.exp(s) + t, q)
+        return self._assemble(qa, qb * torch.exp(s) + t)
 
     def inverse(self, Q: Tensor) -> Tensor:
-        Qa, Qb = Q[..., self.conditioning], Q[..., self.transformed]
+        Qa, Qb = self._split(Q)
         s, t = self._scale_shift(Qa)
-        return self._assemble(Qa, (Qb - t) * torch.exp(-s), Q)
+        return self._assemble(Qa, (Qb - t) * torch.exp(-s))
 
     @staticmethod
     def _conditioner_vjp(qa: Tensor, s: Tensor, t: Tensor, qb: Tensor, Pb: Tensor, create_graph: bool) -> Tensor:
@@ -180,22 +181,25 @@ class AffineCoupling(PointLayer):
 
     def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
         with torch.enable_grad():
-            qa, qb = _grad_leaf(q[..., self.conditioning]), q[..., self.transformed]
+            qa, qb = self._split(q)
+            qa = _grad_leaf(qa)
+            pa, pb = self._split(p)
             s, t = self._scale_shift(qa)
-            Pb = p[..., self.transformed] * torch.exp(-s)
-            Pa = p[..., self.conditioning] - self._conditioner_vjp(qa, s, t, qb, Pb, create_graph)
-            Q = self._assemble(qa, qb * torch.exp(s) + t, q)
-        return Q, self._assemble(Pa, Pb, p)
+            Pb = pb * torch.exp(-s)
+            Pa = pa - self._conditioner_vjp(qa, s, t, qb, Pb, create_graph)
+            Q = self._assemble(qa, qb * torch.exp(s) + t)
+        return Q, self._assemble(Pa, Pb)
 
     def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
         with torch.enable_grad():
-            Qa, Qb = _grad_leaf(Q[..., self.conditioning]), Q[..., self.transformed]
+            Qa, Qb = self._split(Q)
+            Qa = _grad_leaf(Qa)
+            Pa, Pb = self._split(P)
             s, t = self._scale_shift(Qa)
             qb = (Qb - t) * torch.exp(-s)
-            Pb = P[..., self.transformed]
-            pa = P[..., self.conditioning] + self._conditioner_vjp(Qa, s, t, qb, Pb, create_graph)
-            q = self._assemble(Qa, qb, Q)
-        return q, self._assemble(pa, Pb * torch.exp(s), P)
+            pa = Pa + self._conditioner_vjp(Qa, s, t, qb, Pb, create_graph)
+            q = self._assemble(Qa, qb)
+        return q, self._assemble(pa, Pb * torch.exp(s))
 
 
 def _grad_leaf(x: Tensor) -> Tensor:

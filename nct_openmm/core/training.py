@@ -198,7 +198,7 @@ class Trainer:
         h.val_loss.append(val)
         h.lr.append(self.optimizer.param_groups[0]["lr"])
         h.elapsed.append(elapsed)
-        if val < h.best_val_loss - 1e-4 * max(1.0, abs(h.best_val_loss)):
+        if not math.isfinite(h.best_val_loss) or val < h.best_val_loss - 1e-4 * max(1.0, abs(h.best_val_loss)):
             h.best_val_loss = val
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self._stale = 0

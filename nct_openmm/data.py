@@ -1,0 +1,259 @@
+"""Simulation output in: trajectories (any format mdtraj reads), atom selection, masses, weights, checks.
+
+Units are OpenMM's (nm, ps, amu, K) and are converted once, here. Positions stay float64 until the internal frame
+has removed rigid-body motion.
+"""
+import math
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import mdtraj
+import numpy as np
+
+#: Residue names treated as ions (never part of the default selection).
+ION_RESIDUES = {"NA", "CL", "K", "MG", "CA", "ZN", "LI", "RB", "CS", "F", "BR", "I", "Na+", "Cl-", "K+", "NA+", "CL-"}
+
+#: Boltzmann's constant in kJ/(mol K).
+BOLTZMANN = 0.0083144626181532
+
+
+def thermal_energy(temperature: float) -> float:
+    """k_B T in kJ/mol for a temperature in K.
+
+    Examples
+    --------
+    >>> round(thermal_energy(300.0), 4)
+    2.4943
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive (K), got {temperature}")
+    return BOLTZMANN * temperature
+
+
+@dataclass
+class TrajectoryData:
+    """Selected-atom positions of one or more trajectories, ready for training.
+
+    Attributes
+    ----------
+    positions : ndarray (T, n, 3)
+        nm, float64.
+    boxes : ndarray (T, 3, 3) or None
+        Periodic box vectors (rows, nm) per frame, when the trajectories have them.
+    trajectory_ids : ndarray (T,)
+        Which input trajectory each frame came from (for splits by trajectory).
+    frame_indices : ndarray (T,)
+        Index of each frame in its source file.
+    atom_indices : list of int
+        Selected atoms, as indices of the full topology.
+    masses : ndarray (n,)
+        amu, from the topology's elements.
+    bonds : list of (int, int)
+        Bonds between selected atoms, as local indices.
+    topology : mdtraj.Topology
+        The full topology.
+    weights : ndarray (T,) or None
+        Statistical weights per frame.
+    sources : list of str
+        The trajectory files.
+    """
+
+    positions: np.ndarray
+    boxes: Optional[np.ndarray]
+    trajectory_ids: np.ndarray
+    frame_indices: np.ndarray
+    atom_indices: List[int]
+    masses: np.ndarray
+    bonds: List[tuple]
+    topology: "mdtraj.Topology"
+    weights: Optional[np.ndarray] = None
+    sources: List[str] = field(default_factory=list)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.positions)
+
+    def subset(self, mask: np.ndarray) -> "TrajectoryData":
+        """The frames where ``mask`` is true."""
+        pick = lambda a: None if a is None else a[mask]
+        return TrajectoryData(self.positions[mask], pick(self.boxes), self.trajectory_ids[mask],
+                              self.frame_indices[mask], self.atom_indices, self.masses, self.bonds, self.topology,
+                              pick(self.weights), self.sources)
+
+    def split_by_trajectory(self, validation_fraction: float = 0.2, seed: int = 0):
+        """(train, validation): whole trajectories held out when several are given (as in the paper), else the
+        last ``validation_fraction`` of the single trajectory (a contiguous block, so that correlated neighbouring
+        frames do not leak into the validation set)."""
+        ids = np.unique(self.trajectory_ids)
+        if len(ids) > 1:
+            rng = np.random.default_rng(seed)
+            n_val = max(1, int(round(validation_fraction * len(ids))))
+            held_out = rng.choice(ids, size=n_val, replace=False)
+            is_val = np.isin(self.trajectory_ids, held_out)
+        else:
+            is_val = np.arange(self.n_frames) >= int(round((1 - validation_fraction) * self.n_frames))
+        return self.subset(~is_val), self.subset(is_val)
+
+
+def default_selection(topology: "mdtraj.Topology") -> List[int]:
+    """Heavy atoms of the solute: no hydrogens, no water, no ions, no virtual sites."""
+    return [atom.index for atom in topology.atoms
+            if atom.element is not None and atom.element.symbol not in ("H", "VS")
+            and not atom.residue.is_water and atom.residue.name not in ION_RESIDUES]
+
+
+def select_atoms(topology: "mdtraj.Topology", selection: Optional[str]) -> List[int]:
+    """Atom indices for an mdtraj selection string (``None``: :func:`default_selection`), with clear errors."""
+    if selection is None or selection == "default":
+        indices = default_selection(topology)
+        what = "the default selection (solute heavy atoms)"
+    else:
+        try:
+            indices = topology.select(selection).tolist()
+        except Exception as error:
+            raise ValueError(f"unknown or invalid atom selection {selection!r}: {error}") from None
+        what = f"selection {selection!r}"
+    if not indices:
+        raise ValueError(f"{what} matches no atoms of the topology ({topology.n_atoms} atoms)")
+    return indices
+
+
+def atom_masses(topology: "mdtraj.Topology", atom_indices: Sequence[int]) -> np.ndarray:
+    """Masses (amu) of the selected atoms from the topology's elements."""
+    masses = np.array([topology.atom(i).element.mass if topology.atom(i).element is not None else 0.0
+                       for i in atom_indices])
+    if np.any(masses <= 0):
+        bad = [topology.atom(atom_indices[i]) for i in np.flatnonzero(masses <= 0)]
+        raise ValueError(f"atoms without a mass in the selection: {bad[:5]}")
+    return masses
+
+
+def local_bonds(topology: "mdtraj.Topology", atom_indices: Sequence[int]) -> List[tuple]:
+    """Bonds among the selected atoms as pairs of positions in ``atom_indices`` (used to unwrap molecules)."""
+    local = {atom: i for i, atom in enumerate(atom_indices)}
+    bonds = [(local[a.index], local[b.index]) for a, b in topology.bonds if a.index in local and b.index in local]
+    return bonds
+
+
+def load_topology(path: str) -> "mdtraj.Topology":
+    """Read a topology (PDB, prmtop, psf, gro, HDF5 …) with a clear error."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"topology file not found: {path}")
+    try:
+        return mdtraj.load_topology(path)
+    except Exception as error:
+        raise ValueError(f"cannot read topology {path}: {error}") from None
+
+
+def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[str] = None, stride: int = 1,
+                      start: int = 0, stop: Optional[int] = None, max_frames: Optional[int] = None,
+                      weights: Optional[Sequence] = None, chunk: int = 10000) -> TrajectoryData:
+    """Load trajectories, keeping only the selected atoms, streamed chunk by chunk.
+
+    Parameters
+    ----------
+    paths : list of str
+        Trajectory files in any format mdtraj reads (DCD, XTC, TRR, NetCDF, HDF5, PDB…).
+    topology : str
+        Topology file matching every trajectory.
+    selection : str, optional
+        mdtraj selection string; default: heavy atoms of the solute.
+    stride, start, stop
+        Frames ``start:stop:stride`` of each file.
+    max_frames : int, optional
+        Upper bound on the frames kept per file: the stride grows as needed, so a trajectory longer than memory
+        is subsampled without being loaded whole.
+    weights : sequence of arrays or str, optional
+        Per-frame weights for each file (arrays, or text files with one column) over *all* frames of the file;
+        the same striding is applied.
+    chunk : int
+        Frames read at a time.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing or unreadable files, an atom-count mismatch, an empty selection, NaN or infinite coordinates.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no trajectory given")
+    top = load_topology(topology)
+    atom_indices = select_atoms(top, selection)
+    masses = atom_masses(top, atom_indices)
+    if weights is not None and len(weights) != len(paths):
+        raise ValueError(f"{len(weights)} weight files/arrays for {len(paths)} trajectories")
+    blocks = [_load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk) for path in paths]
+    positions = np.concatenate([b[0] for b in blocks])
+    has_box = [b[1] is not None for b in blocks]
+    if any(has_box) and not all(has_box):
+        raise ValueError("some trajectories have periodic boxes and others not")
+    boxes = np.concatenate([b[1] for b in blocks]) if all(has_box) else None
+    frame_indices = np.concatenate([b[2] for b in blocks])
+    ids = np.concatenate([np.full(len(b[0]), i) for i, b in enumerate(blocks)])
+    frame_weights = None
+    if weights is not None:
+        frame_weights = np.concatenate([_frame_weights(w, b[2], b[3], p) for w, b, p in zip(weights, blocks, paths)])
+    return TrajectoryData(positions, boxes, ids, frame_indices, atom_indices, masses, local_bonds(top, atom_indices),
+                          top, frame_weights, [os.fspath(p) for p in paths])
+
+
+def _load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk):
+    """Positions (nm), boxes, frame indices and total frame count of one file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"trajectory file not found: {path}")
+    n_total = _count_frames(path, top)
+    stop_ = n_total if stop is None else min(stop, n_total)
+    if max_frames is not None and (stop_ - start) / stride > max_frames:
+        stride = int(math.ceil((stop_ - start) / max_frames))
+    wanted = np.arange(start, stop_, stride)
+    xyz, boxes = [], []
+    try:
+        for offset, piece in _iter_chunks(path, top, chunk):
+            local = wanted[(wanted >= offset) & (wanted < offset + piece.n_frames)] - offset
+            if len(local):
+                xyz.append(piece.xyz[local][:, atom_indices].astype(np.float64))
+                boxes.append(None if piece.unitcell_vectors is None else piece.unitcell_vectors[local])
+    except ValueError as error:
+        raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {error}") from None
+    if not xyz:
+        raise ValueError(f"{path}: no frames in the range start={start}, stop={stop}, stride={stride}")
+    positions = np.concatenate(xyz)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=(1, 2)))
+    if len(bad):
+        raise ValueError(f"{path}: NaN or infinite coordinates in {len(bad)} frame(s), first at frame {wanted[bad[0]]}")
+    box = None if boxes[0] is None else np.concatenate(boxes).astype(np.float64)
+    return positions, box, wanted[: len(positions)], n_total
+
+
+def _iter_chunks(path, top, chunk):
+    offset = 0
+    for piece in mdtraj.iterload(path, top=top, chunk=chunk):
+        if piece.n_atoms != top.n_atoms:
+            raise ValueError(f"the trajectory has {piece.n_atoms} atoms")
+        yield offset, piece
+        offset += piece.n_frames
+
+
+def _count_frames(path, top) -> int:
+    """Frame count without loading coordinates when the format allows it."""
+    try:
+        with mdtraj.open(path) as handle:
+            return len(handle)
+    except Exception:
+        pass
+    try:
+        return sum(piece.n_frames for _, piece in _iter_chunks(path, top, 10000))
+    except Exception as error:
+        raise ValueError(f"cannot read trajectory {path} with topology of {top.n_atoms} atoms: {error}") from None
+
+
+def _frame_weights(source, frame_indices, n_total, path):
+    values = np.loadtxt(source, ndmin=1) if isinstance(source, (str, os.PathLike)) else np.asarray(source, float)
+    if values.ndim != 1 or len(values) != n_total:
+        raise ValueError(f"weights for {path} must be one value per frame ({n_total}), got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"weights for {path} must be finite and non-negative")
+    return values[frame_indices]

@@ -1,0 +1,115 @@
+"""TorchScript export of a trained model's slow modes: positions of the whole system in, the K slowest scaled
+latent coordinates out.
+
+Everything the CV needs travels inside the graph: atom selection, unwrapping across periodic boundaries, centring
+and Kabsch alignment, the internal frame, and the flow. Only the layers needed for ``Q`` are exported (no momenta),
+and the linear maps on either side of the couplings are fused into one matrix each, so that the exported network
+is as small as the flow allows. Each mode is scaled to unit variance under the model, ``ε_k = ω_k Q_k``, so one
+hill width fits all modes.
+"""
+import copy
+import os
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .core.layers import AffineCoupling, AffinePoint, LinearPoint
+from .geometry import kabsch_align, unwrap
+
+
+class SlowModeModule(nn.Module):
+    """The exported collective variable: ``forward(positions (N, 3) nm, boxvectors=None) -> (K,)``.
+
+    The result has the dtype of ``positions``; the arithmetic runs in the dtype the module was exported with.
+    Attributes ``num_modes`` (K), ``num_atoms_required`` (largest atom index + 1) and ``temperature`` (K, of the
+    training data) describe it.
+    """
+
+    def __init__(self, model, modes: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        frame, flow = model.frame, model.flow
+        if not flow.is_point_transformation:
+            raise ValueError("only point transformations can be exported as collective variables")
+        if not 1 <= modes <= flow.dim:
+            raise ValueError(f"modes must be between 1 and {flow.dim}, got {modes}")
+        layers = list(flow.layers)
+        pre, couplings = layers[0], [layer for layer in layers if isinstance(layer, AffineCoupling)]
+        tail = [layer for layer in layers[1:] if not isinstance(layer, AffineCoupling)]
+        self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
+        self.parents: List[int] = list(frame.parents)
+        self.unwrap_order: List[int] = list(frame.unwrap_order)
+        self.align = frame.align
+        self.register_buffer("masses", frame.masses.to(dtype))
+        self.register_buffer("reference", frame.reference.to(dtype))
+        in_matrix, in_shift = _fused_input(frame, pre)
+        self.register_buffer("in_matrix", in_matrix.to(dtype))
+        self.register_buffer("in_shift", in_shift.to(dtype))
+        self.couplings = nn.ModuleList([_copy_coupling(c, dtype) for c in couplings])
+        self.register_buffer("out_matrix", _fused_output(flow, tail, modes).to(dtype))
+        self.num_modes = int(modes)
+        self.num_atoms_required = int(max(frame.atom_indices)) + 1
+        self.temperature = float(model.temperature)
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        x = positions[self.atom_indices].to(self.in_matrix.dtype)
+        if boxvectors is not None:
+            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
+        if self.align:
+            x = kabsch_align(x, self.reference, self.masses)
+        y = (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
+        for coupling in self.couplings:
+            y = coupling(y)
+        return (y @ self.out_matrix)[0].to(positions.dtype)
+
+
+def _fused_input(frame, pre: AffinePoint):
+    """Aligned positions (flattened) → the couplings' input: mass weighting, 1/√kT, internal basis and the
+    whitening map as one matrix and one shift."""
+    scale = frame.coordinate_scale[:, None] * frame.basis  # (3n, d)
+    matrix = scale @ pre.matrix.double() * pre.scale.double()
+    shift = -(pre.shift.double() @ pre.matrix.double()) * pre.scale.double()
+    return matrix, shift
+
+
+def _fused_output(flow, tail, modes: int) -> Tensor:
+    """The couplings' output → ε of the ``modes`` slowest modes: learnable linear point layer, output scale, mode
+    selection, sign convention and the ω scaling as one ``(d, K)`` matrix."""
+    matrix = torch.eye(flow.dim, dtype=torch.float64)
+    for layer in tail:
+        if isinstance(layer, LinearPoint):
+            matrix = matrix @ torch.linalg.matrix_exp(layer.generator.detach().double())
+        elif isinstance(layer, AffinePoint):
+            if torch.any(layer.shift != 0):
+                raise ValueError("an output map with a shift cannot be fused")
+            matrix = (matrix @ layer.matrix.double()) * layer.scale.double()
+        else:
+            raise ValueError(f"cannot export a {type(layer).__name__} after the couplings")
+    order = flow.prior.slow_order()[:modes]
+    factor = (flow.prior.frequencies().detach().double() * flow.mode_signs.double())[order]
+    return matrix[:, order] * factor
+
+
+def _copy_coupling(coupling: AffineCoupling, dtype) -> AffineCoupling:
+    return copy.deepcopy(coupling).to(dtype)
+
+
+def slow_mode_module(model, modes: int = 2, dtype: torch.dtype = torch.float32) -> torch.jit.ScriptModule:
+    """The scripted CV of the ``modes`` slowest modes of a :class:`~nct_openmm.slowmodes.SlowModeModel`.
+
+    Examples
+    --------
+    >>> from nct_openmm.slowmodes import SlowModeModel
+    >>> cv = slow_mode_module(SlowModeModel.load("models/alanine_dipeptide.pt"), modes=2)  # doctest: +SKIP
+    >>> cv(positions_nm)  # (2,) tensor                                                  # doctest: +SKIP
+    """
+    return torch.jit.script(SlowModeModule(model, modes, dtype))
+
+
+def export_slow_modes(model, path, modes: int = 2, dtype: torch.dtype = torch.float32) -> str:
+    """Write the scripted CV to ``path``; it loads with plain ``torch.jit.load``."""
+    module = slow_mode_module(model, modes, dtype)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    module.save(os.fspath(path))
+    return os.fspath(path)

@@ -1,0 +1,219 @@
+"""Rigid-body removal and the (3n − 6)-dimensional internal frame, written once in TorchScript-compatible torch.
+
+The same code prepares training data and runs inside every exported collective variable, so the two cannot drift.
+
+Pipeline for the positions of n selected atoms (nm):
+
+1. **unwrap** — rebuild the molecule across periodic boundaries: each atom is put at the minimum image of its
+   parent in a spanning tree of the bond graph (parents precede children);
+2. **centre and align** — subtract the mass-weighted centre and rotate onto a reference structure with the
+   mass-weighted Kabsch algorithm;
+3. **internal coordinates** — an aligned structure obeys six *linear* conditions: zero mass-weighted centre and the
+   Eckart conditions ``Σ m_i r_i^ref × x_i = 0`` (the stationarity condition of the Kabsch fit). Mass-weighted
+   aligned coordinates ``y_i = √m_i x_i`` therefore lie exactly in a fixed (3n − 6)-dimensional subspace, and
+   ``u = y·B / √kT`` with an orthonormal basis ``B`` of that subspace are coordinates without rigid-body directions
+   (no degenerate density, no spurious fast modes). Dividing by ``√kT`` gives the reduced units (β = 1, unit
+   masses) of :mod:`nct_openmm.core`; ``u`` is then measured in ps (1 kJ/mol = 1 amu nm² ps⁻²), so the learned
+   frequencies come out in 1/ps.
+
+Momenta: the flow's momenta conjugate to ``u`` are drawn from N(0, 1) in reduced units, i.e. Maxwell–Boltzmann
+momenta projected onto the internal subspace. This treats the Eckart frame as inertial — it neglects the
+rotation–vibration (Coriolis) coupling of the kinetic energy — which is the approximation made for the momenta.
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def minimum_image(delta: Tensor, box: Tensor) -> Tensor:
+    """Shortest periodic image of displacement vectors ``delta (..., 3)`` in an OpenMM (reduced, triclinic) box.
+
+    ``box`` has the box vectors as rows, ``(..., 3, 3)``, broadcastable against ``delta``'s leading dimensions.
+    """
+    delta = delta - box[..., 2, :] * torch.round(delta[..., 2:3] / box[..., 2, 2:3])
+    delta = delta - box[..., 1, :] * torch.round(delta[..., 1:2] / box[..., 1, 1:2])
+    delta = delta - box[..., 0, :] * torch.round(delta[..., 0:1] / box[..., 0, 0:1])
+    return delta
+
+
+def unwrap(x: Tensor, box: Tensor, order: List[int], parents: List[int]) -> Tensor:
+    """Make a molecule whole: visiting atoms in ``order`` (parents first), atom ``i`` moves to the minimum image of
+    its already placed parent ``parents[i]`` (−1 for a root, which stays where it is).
+
+    ``x`` is ``(..., n, 3)``, ``box`` ``(..., 3, 3)``.
+    """
+    atoms = [x[..., i, :] for i in range(len(parents))]
+    for i in order:
+        parent = parents[i]
+        if parent >= 0:
+            atoms[i] = atoms[parent] + minimum_image(x[..., i, :] - x[..., parent, :], box)
+    return torch.stack(atoms, dim=-2)
+
+
+def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
+    """Centre ``x (..., n, 3)`` on its weighted centre and rotate it onto the centred ``reference (n, 3)``,
+    minimising ``Σ w_i |R x_i − r_i|²`` (proper rotations only)."""
+    w = weights / weights.sum()
+    centred = x - (w[:, None] * x).sum(-2, keepdim=True)
+    covariance = centred.transpose(-1, -2) @ (w[:, None] * reference)
+    u, _, vh = torch.linalg.svd(covariance)
+    # A reflection would give a lower residual for a mirror-image structure; flip the last axis to forbid it.
+    sign = torch.sign(torch.linalg.det(u @ vh))
+    ones = torch.ones_like(sign)
+    flip = torch.stack([ones, ones, sign], dim=-1)
+    rotation = (u * flip.unsqueeze(-2)) @ vh
+    return centred @ rotation
+
+
+def rigid_body_basis(reference: Tensor, masses: Tensor) -> Tensor:
+    """Orthonormal basis ``(3n, 3n − 6)`` of mass-weighted displacements orthogonal to the rigid-body motions
+    about ``reference`` (centred, ``(n, 3)``). For n = 2 or a linear reference the count drops to 3n − 5."""
+    n = reference.shape[0]
+    sqrt_m = torch.sqrt(masses.double())
+    ref = reference.double()
+    rigid = []
+    for axis in range(3):
+        unit = torch.zeros(3, dtype=torch.float64)
+        unit[axis] = 1.0
+        rigid.append((sqrt_m[:, None] * unit).reshape(-1))
+        rigid.append((sqrt_m[:, None] * torch.linalg.cross(unit.expand(n, 3), ref)).reshape(-1))
+    rigid = torch.stack(rigid, dim=1)
+    u, s, _ = torch.linalg.svd(rigid, full_matrices=True)
+    rank = int((s > 1e-8 * s[0]).sum())
+    return u[:, rank:]
+
+
+class InternalFrame(nn.Module):
+    """Positions of selected atoms (nm) → reduced internal coordinates ``u`` (ps), see the module docstring.
+
+    Parameters
+    ----------
+    atom_indices : list of int
+        Atoms of the full system that the frame reads.
+    masses : Tensor (n,)
+        Their masses (amu).
+    reference : Tensor (n, 3)
+        Reference structure (nm); centred here.
+    kT : float
+        Thermal energy (kJ/mol) of the data.
+    parents : list of int, optional
+        Spanning-tree parent of each selected atom (−1 for roots), for unwrapping under periodic boundaries
+        (see :func:`spanning_tree`); by default every atom is a root.
+    align : bool
+        Remove rigid-body motion (default). Without it the coordinates are the raw mass-weighted positions
+        (for systems held in space by external fields).
+
+    Examples
+    --------
+    >>> reference = torch.randn(4, 3, dtype=torch.float64)
+    >>> frame = InternalFrame([0, 1, 2, 3], torch.ones(4), reference, kT=2.5)
+    >>> frame.dim
+    6
+    >>> rotation = torch.linalg.matrix_exp(torch.tensor([[0., 1, 0], [-1, 0, 2], [0, -2, 0]], dtype=torch.float64))
+    >>> moved = reference @ rotation.T + 3.0
+    >>> bool(torch.allclose(frame.internal(moved[None]), frame.internal(reference[None]), atol=1e-10))
+    True
+    """
+
+    def __init__(self, atom_indices: List[int], masses: Tensor, reference: Tensor, kT: float,
+                 parents: Optional[List[int]] = None, align: bool = True):
+        super().__init__()
+        masses = torch.as_tensor(masses, dtype=torch.float64)
+        reference = torch.as_tensor(reference, dtype=torch.float64)
+        n = len(atom_indices)
+        if masses.shape != (n,) or reference.shape != (n, 3):
+            raise ValueError(f"{n} atoms need masses of shape ({n},) and a reference of shape ({n}, 3), got "
+                             f"{tuple(masses.shape)} and {tuple(reference.shape)}")
+        if torch.any(masses <= 0):
+            raise ValueError("all selected atoms need a positive mass (virtual sites cannot be selected)")
+        self.atom_indices = [int(i) for i in atom_indices]
+        self.parents = [int(i) for i in parents] if parents is not None else [-1] * n
+        self.unwrap_order = breadth_first_order(self.parents)
+        self.align = bool(align)
+        self.kT = float(kT)
+        centre = (masses[:, None] * reference).sum(0) / masses.sum()
+        self.register_buffer("masses", masses)
+        self.register_buffer("reference", reference - centre if align else reference)
+        basis = rigid_body_basis(self.reference, masses) if align else torch.eye(3 * n, dtype=torch.float64)
+        self.register_buffer("basis", basis)
+        self.register_buffer("coordinate_scale", torch.sqrt(masses / kT).repeat_interleave(3))
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[1])
+
+    def whole(self, x: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Selected positions ``(..., n, 3)`` made whole across periodic boundaries and, when aligning, centred and
+        rotated onto the reference."""
+        if box is not None:
+            x = unwrap(x, box.to(x.dtype), self.unwrap_order, self.parents)
+        if self.align:
+            x = kabsch_align(x, self.reference.to(x.dtype), self.masses.to(x.dtype))
+        return x
+
+    def internal(self, x: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Reduced internal coordinates ``(..., dim)`` of selected positions ``(..., n, 3)`` in nm."""
+        x = self.whole(x, box)
+        flat = x.reshape(x.shape[:-2] + (-1,)) * self.coordinate_scale.to(x.dtype)
+        return flat @ self.basis.to(x.dtype)
+
+    def cartesian(self, u: Tensor) -> Tensor:
+        """Inverse of :meth:`internal` into the reference frame: positions ``(..., n, 3)`` in nm."""
+        flat = (u.to(self.basis.dtype) @ self.basis.T) / self.coordinate_scale
+        return flat.reshape(u.shape[:-1] + (-1, 3))
+
+    def forward(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Reduced internal coordinates of the selected atoms in full-system positions ``(N, 3)`` or ``(T, N, 3)``."""
+        return self.internal(positions[..., self.atom_indices, :], box)
+
+    def state(self) -> dict:
+        return {"atom_indices": self.atom_indices, "masses": self.masses, "reference": self.reference,
+                "kT": self.kT, "parents": self.parents, "align": self.align, "basis": self.basis}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "InternalFrame":
+        frame = cls(state["atom_indices"], state["masses"], state["reference"], state["kT"], state["parents"],
+                    state["align"])
+        # The stored basis, not a recomputed one: an SVD may pick another basis of the same subspace.
+        frame.basis.copy_(state["basis"])
+        return frame
+
+
+def spanning_tree(n_atoms: int, bonds) -> List[int]:
+    """Parents of a breadth-first spanning forest over ``bonds`` (pairs of local atom indices); −1 marks roots.
+
+    Examples
+    --------
+    >>> spanning_tree(4, [(0, 1), (1, 2)])
+    [-1, 0, 1, -1]
+    """
+    neighbours: List[List[int]] = [[] for _ in range(n_atoms)]
+    for a, b in bonds:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    parent = [-2] * n_atoms
+    for root in range(n_atoms):
+        if parent[root] != -2:
+            continue
+        parent[root] = -1
+        queue = [root]
+        while queue:
+            atom = queue.pop(0)
+            for other in sorted(neighbours[atom]):
+                if parent[other] == -2:
+                    parent[other] = atom
+                    queue.append(other)
+    return parent
+
+
+def breadth_first_order(parents: List[int]) -> List[int]:
+    """An order of atoms in which every parent comes before its children."""
+    children: List[List[int]] = [[] for _ in parents]
+    for child, parent in enumerate(parents):
+        if parent >= 0:
+            children[parent].append(child)
+    order = [i for i, parent in enumerate(parents) if parent < 0]
+    for atom in order:  # the list grows while it is walked: a breadth-first traversal
+        order.extend(children[atom])
+    return order
