@@ -4,6 +4,7 @@ Units are OpenMM's (nm, ps, amu, K) and are converted once, here. Positions stay
 has removed rigid-body motion.
 """
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -160,25 +161,30 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
     selection : str, optional
         mdtraj selection string; default: heavy atoms of the solute.
     stride, start, stop
-        Frames ``start:stop:stride`` of each file.
+        Frames ``start:stop:stride`` of each file, with Python's slice semantics (a negative ``start`` or
+        ``stop`` counts from the end of the file); ``stride`` is a positive integer.
     max_frames : int, optional
         Upper bound on the frames kept per file: the stride grows as needed, so a trajectory longer than memory
         is subsampled without being loaded whole.
     weights : sequence of arrays or str, optional
         Per-frame weights for each file (arrays, or text files with one column) over *all* frames of the file;
-        the same striding is applied.
+        the same striding is applied. With a single trajectory path, a single array or file is accepted too.
     chunk : int
         Frames read at a time.
 
     Raises
     ------
     FileNotFoundError, ValueError
-        Missing or unreadable files, an atom-count mismatch, an empty selection, NaN or infinite coordinates.
+        Missing or unreadable files, an atom-count mismatch, an empty selection, NaN or infinite coordinates
+        (of any atom, selected or not), an invalid frame range.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+        if _single_weights(weights):
+            weights = [weights]
     if not paths:
         raise ValueError("no trajectory given")
+    _check_frame_range(start, stop, stride, max_frames)
     top = load_topology(topology)
     atom_indices = select_atoms(top, selection)
     masses = atom_masses(top, atom_indices)
@@ -199,33 +205,73 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
                           top, frame_weights, [os.fspath(p) for p in paths])
 
 
+def _check_frame_range(start, stop, stride, max_frames):
+    for name, value in (("stride", stride), ("max_frames", max_frames)):
+        if value is not None and (int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("start", start), ("stop", stop)):
+        if value is not None and int(value) != value:
+            raise ValueError(f"{name} must be an integer frame index, got {value!r}")
+
+
 def _load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk):
     """Positions (nm), boxes, frame indices and total frame count of one file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"trajectory file not found: {path}")
     n_total = _count_frames(path, top)
-    stop_ = n_total if stop is None else min(stop, n_total)
-    if max_frames is not None and (stop_ - start) / stride > max_frames:
-        stride = int(math.ceil((stop_ - start) / max_frames))
-    wanted = np.arange(start, stop_, stride)
-    xyz, boxes = [], []
+    n_atoms = _atoms_per_frame(path)
+    if n_atoms is not None and n_atoms != top.n_atoms:
+        raise ValueError(f"{path} has {n_atoms} atoms per frame but the topology has {top.n_atoms}: the trajectory "
+                         "and the topology do not belong together")
+    # Python slice semantics: a negative start or stop counts from the end of the file.
+    first, last, _ = slice(start, stop, stride).indices(n_total)
+    if max_frames is not None and (last - first) / stride > max_frames:
+        stride = int(math.ceil((last - first) / max_frames))
+    wanted = np.arange(first, last, stride)
+    xyz, boxes, read = [], [], []
     try:
         for offset, piece in _iter_chunks(path, top, chunk):
             local = wanted[(wanted >= offset) & (wanted < offset + piece.n_frames)] - offset
             if len(local):
+                # Every atom is checked, not only the selected ones: a non-finite coordinate anywhere means the
+                # simulation that wrote the frame had blown up.
+                finite = np.isfinite(piece.xyz[local]).all(axis=(1, 2))
+                if piece.unitcell_vectors is not None:
+                    finite &= np.isfinite(piece.unitcell_vectors[local]).all(axis=(1, 2))
+                if not finite.all():
+                    bad = local[~finite] + offset
+                    more = f" (and {len(bad) - 1} more of frames {offset}-{offset + piece.n_frames - 1})" \
+                        if len(bad) > 1 else ""
+                    raise _NonFiniteFrames(f"{path}: NaN or infinite coordinates in frame {bad[0]}{more}")
                 xyz.append(piece.xyz[local][:, atom_indices].astype(np.float64))
                 boxes.append(None if piece.unitcell_vectors is None else piece.unitcell_vectors[local])
+                read.append(local + offset)
+    except _NonFiniteFrames as error:
+        raise ValueError(str(error)) from None
     except ValueError as error:
         raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {error}") from None
     if not xyz:
-        raise ValueError(f"{path}: no frames in the range start={start}, stop={stop}, stride={stride}")
+        raise ValueError(f"{path}: no frames in the range start={start}, stop={stop}, stride={stride} "
+                         f"(the file has {n_total})")
     positions = np.concatenate(xyz)
-    bad = np.flatnonzero(~np.isfinite(positions).all(axis=(1, 2)))
-    if len(bad):
-        raise ValueError(f"{path}: NaN or infinite coordinates in {len(bad)} frame(s), first at frame {wanted[bad[0]]}")
     box = None if boxes[0] is None else np.concatenate(boxes).astype(np.float64)
-    return positions, box, wanted[: len(positions)], n_total
+    return positions, box, np.concatenate(read), n_total
+
+
+class _NonFiniteFrames(ValueError):
+    pass
+
+
+def _single_weights(weights) -> bool:
+    """Whether ``weights`` is one file or one array of numbers (rather than one of those per trajectory)."""
+    if weights is None:
+        return False
+    if isinstance(weights, (str, os.PathLike)):
+        return True
+    if isinstance(weights, np.ndarray):
+        return weights.ndim == 1
+    return len(weights) > 0 and all(isinstance(w, numbers.Real) for w in weights)
 
 
 def _iter_chunks(path, top, chunk):
@@ -248,6 +294,18 @@ def _count_frames(path, top) -> int:
         return sum(piece.n_frames for _, piece in _iter_chunks(path, top, 10000))
     except Exception as error:
         raise ValueError(f"cannot read trajectory {path} with topology of {top.n_atoms} atoms: {error}") from None
+
+
+def _atoms_per_frame(path) -> Optional[int]:
+    """Atoms per frame read from the first frame of formats that store coordinates alone (DCD, XTC, TRR,
+    NetCDF); None where that cannot be told without a topology."""
+    try:
+        with mdtraj.open(path) as handle:
+            first = handle.read(n_frames=1)
+    except Exception:
+        return None
+    xyz = first[0] if isinstance(first, tuple) else first
+    return int(xyz.shape[1]) if isinstance(xyz, np.ndarray) and xyz.ndim == 3 else None
 
 
 def _frame_weights(source, frame_indices, n_total, path):

@@ -14,9 +14,9 @@ import torch
 
 from . import __version__
 from .core import FlowConfig, NCTModel, fit_likelihood, model_from_data
-from .core.serialization import load_payload, save_payload
+from .core.serialization import ModelFileError, load_payload, save_payload
 from .data import BOLTZMANN, TrajectoryData, thermal_energy
-from .geometry import InternalFrame, kabsch_align, spanning_tree
+from .geometry import InternalFrame, breadth_first_order, kabsch_align, spanning_tree, unwrap
 
 
 def average_structure(positions: np.ndarray, masses: np.ndarray, iterations: int = 3) -> np.ndarray:
@@ -110,8 +110,12 @@ class SlowModeModel:
     def load(cls, path) -> "SlowModeModel":
         """Read a model file; a foreign, corrupt or incompatible file raises ``ModelFileError``."""
         document = load_payload(path, "molecular")
-        return cls(InternalFrame.from_state(document["frame"]), NCTModel.from_state(document["flow"]),
-                   document.get("metadata", {}))
+        try:
+            return cls(InternalFrame.from_state(document["frame"]), NCTModel.from_state(document["flow"]),
+                       document.get("metadata", {}))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise ModelFileError(f"{path} is an incomplete or damaged nct_openmm model file "
+                                 f"({type(error).__name__}: {error})") from error
 
     def summary(self) -> dict:
         """The metadata with the current spectrum, JSON-ready."""
@@ -157,8 +161,14 @@ class NCT:
 
     def make_frame(self, data: TrajectoryData) -> InternalFrame:
         """The internal frame for ``data``: its atoms, masses, average structure and the temperature."""
-        reference = average_structure(data.positions, data.masses) if self.align else data.positions.mean(0)
         parents = spanning_tree(len(data.atom_indices), data.bonds)
+        positions = data.positions
+        if data.boxes is not None:
+            # Molecules broken across the periodic boundary would otherwise be averaged into a distorted reference.
+            positions = unwrap(torch.as_tensor(positions, dtype=torch.float64),
+                               torch.as_tensor(data.boxes, dtype=torch.float64), breadth_first_order(parents),
+                               parents).numpy()
+        reference = average_structure(positions, data.masses) if self.align else positions.mean(0)
         return InternalFrame(data.atom_indices, torch.as_tensor(data.masses), torch.as_tensor(reference),
                              thermal_energy(self.temperature), parents, self.align)
 
@@ -166,6 +176,9 @@ class NCT:
         """Train on ``data`` (held-out ``validation`` data, or a split of ``data`` by trajectory)."""
         if validation is None:
             data, validation = data.split_by_trajectory(self.validation_fraction, self.training["seed"])
+        if data.n_frames == 0 or validation.n_frames == 0:
+            raise ValueError(f"{data.n_frames} training and {validation.n_frames} validation frames: both sets need "
+                             "frames (check the validation fraction)")
         frame = self.make_frame(data)
         u = _internal(frame, data)
         u_val = _internal(frame, validation)
