@@ -1,4 +1,5 @@
-"""Unbiased Langevin dynamics that writes the training data: a DCD trajectory and a PDB topology.
+"""Langevin dynamics that writes training data: a DCD trajectory, a PDB topology and, for a run biased by
+well-tempered metadynamics on the backbone dihedrals (Φ, Ψ), per-frame reweighting factors.
 
 Example
 -------
@@ -10,9 +11,12 @@ Example
 10
 """
 import dataclasses
+import math
 import os
 import time
 
+import mdtraj
+import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
@@ -47,6 +51,24 @@ class LangevinRun:
     ns: float
     nsPerDay: float
     platform: str
+    weights: str = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DihedralMetadynamics:
+    """Settings of well-tempered metadynamics on the first backbone (Φ, Ψ) pair, for sampling both Φ basins.
+
+    The run also writes ``weights.txt``: ``exp(V(Φ_t, Ψ_t)/kT)`` with the final bias ``V`` (normalised to mean 1),
+    the factors that reweight its frames to the unbiased ensemble at the thermostat temperature (frames of the first
+    ``discard`` fraction get weight 0, since the bias there is still far from its final shape).
+    """
+
+    biasFactor: float = 6.0
+    height: float = 1.2  # kJ/mol
+    width: float = 0.35  # rad
+    frequency: int = 250  # steps
+    gridWidth: int = 72
+    discard: float = 0.1
 
 
 def runLangevin(
@@ -63,6 +85,7 @@ def runLangevin(
     progress=True,
     precision=None,
     threads=None,
+    metadynamics=None,
 ):
     """Run Langevin dynamics (``LangevinMiddleIntegrator``) and write ``outDir/traj.dcd`` and ``outDir/top.pdb``.
 
@@ -96,6 +119,8 @@ def runLangevin(
         Show a tqdm progress bar over the steps.
     precision, threads : optional
         Passed to :func:`nct_openmm.systems.platformProperties`.
+    metadynamics : DihedralMetadynamics, optional
+        Bias the backbone (Φ, Ψ) with well-tempered metadynamics and write ``outDir/weights.txt``.
 
     Returns
     -------
@@ -112,13 +137,18 @@ def runLangevin(
     chosenPlatform = getPlatform(platform)
     temperatureK = valueInUnit(temperature, unit.kelvin)
 
+    system = molecularSystem.system
+    bias = None
+    if metadynamics is not None:
+        system = openmm.XmlSerializer.clone(system)
+        bias = _dihedralMetadynamics(molecularSystem.topology, system, temperatureK, metadynamics)
     integrator = openmm.LangevinMiddleIntegrator(
         temperatureK, valueInUnit(friction, unit.picosecond**-1), valueInUnit(timestep, unit.picoseconds)
     )
     integrator.setRandomNumberSeed(openmmSeed)
     simulation = app.Simulation(
         molecularSystem.topology,
-        molecularSystem.system,
+        system,
         integrator,
         chosenPlatform,
         platformProperties(chosenPlatform, precision=precision, threads=threads),
@@ -134,7 +164,12 @@ def runLangevin(
     _writeStartingStructure(simulation, topologyPath)
     simulation.reporters.append(app.DCDReporter(trajectoryPath, stepsPerFrame))
 
-    seconds = _stepWithProgress(simulation, nSteps, stepsPerFrame, progress, molecularSystem.name)
+    step = simulation.step if bias is None else (lambda steps: bias.step(simulation, steps))
+    seconds = _stepWithProgress(step, nSteps, stepsPerFrame, progress, molecularSystem.name)
+    weightsPath = None
+    if bias is not None:
+        weightsPath = os.path.join(outDir, "weights.txt")
+        _writeReweightingFactors(bias, trajectoryPath, topologyPath, temperatureK, metadynamics, weightsPath)
     simulatedNs = nSteps * valueInUnit(timestep, unit.nanoseconds)
     return LangevinRun(
         trajectory=trajectoryPath,
@@ -143,7 +178,47 @@ def runLangevin(
         ns=simulatedNs,
         nsPerDay=simulatedNs * 86400.0 / seconds,
         platform=chosenPlatform.getName(),
+        weights=weightsPath,
     )
+
+
+def _backboneTorsions(topology):
+    """Atom indices of the first Φ and Ψ of an OpenMM topology (via mdtraj), with a clear error if it has none."""
+    mdTopology = mdtraj.Topology.from_openmm(topology)
+    probe = mdtraj.Trajectory(np.zeros((1, mdTopology.n_atoms, 3)), mdTopology)
+    phi, psi = mdtraj.compute_phi(probe)[0], mdtraj.compute_psi(probe)[0]
+    if len(phi) == 0 or len(psi) == 0:
+        raise ValueError("dihedral metadynamics needs a peptide backbone with a Φ and a Ψ dihedral")
+    return [int(i) for i in phi[0]], [int(i) for i in psi[0]]
+
+
+def _dihedralMetadynamics(topology, system, temperatureK, settings):
+    variables = []
+    for atoms in _backboneTorsions(topology):
+        torsion = openmm.CustomTorsionForce("theta")
+        torsion.addTorsion(*atoms)
+        variables.append(app.BiasVariable(torsion, -math.pi, math.pi, settings.width, True, settings.gridWidth))
+    return app.Metadynamics(system, variables, temperatureK, settings.biasFactor,
+                            settings.height * unit.kilojoule_per_mole, settings.frequency)
+
+
+def _writeReweightingFactors(bias, trajectoryPath, topologyPath, temperatureK, settings, path):
+    """Final-bias reweighting factors ``exp(V(s_t)/kT)`` for every saved frame; see :class:`DihedralMetadynamics`."""
+    traj = mdtraj.load(trajectoryPath, top=topologyPath)
+    angles = np.stack([mdtraj.compute_phi(traj)[1][:, 0], mdtraj.compute_psi(traj)[1][:, 0]], axis=1)
+    # getFreeEnergy() is −(T + ΔT)/ΔT · V on the (Ψ, Φ)-indexed grid; recover V and look it up per frame.
+    free = np.asarray(bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole))
+    deltaT = temperatureK * (settings.biasFactor - 1.0)
+    factor = deltaT / (temperatureK + deltaT)
+    biasGrid = -factor * (free - free.min())
+    n = biasGrid.shape[0]
+    index = np.clip(np.round((angles + math.pi) / (2 * math.pi) * (n - 1)).astype(int), 0, n - 1)
+    kT = 0.0083144626181532 * temperatureK
+    logWeights = biasGrid[index[:, 1], index[:, 0]] / kT
+    weights = np.exp(logWeights - logWeights.max())
+    weights[: int(settings.discard * len(weights))] = 0.0
+    weights *= len(weights) / weights.sum()
+    np.savetxt(path, weights, fmt="%.8g", header="reweighting factor per frame (final-bias well-tempered metadynamics)")
 
 
 def _stepCounts(ns, timestep, reportInterval):
@@ -170,14 +245,14 @@ def _writeStartingStructure(simulation, path):
         app.PDBFile.writeFile(simulation.topology, positions, handle)
 
 
-def _stepWithProgress(simulation, nSteps, chunk, progress, name):
-    """Step in chunks of ``chunk`` steps, updating the bar after each; return the wall time of the stepping."""
+def _stepWithProgress(step, nSteps, chunk, progress, name):
+    """Call ``step(n)`` in chunks of ``chunk`` steps, updating the bar after each; return the wall time."""
     start = time.perf_counter()
     with tqdm(total=nSteps, desc=f"sampling {name}", unit="step", disable=not progress) as bar:
         done = 0
         while done < nSteps:
             steps = min(chunk, nSteps - done)
-            simulation.step(steps)
+            step(steps)
             done += steps
             bar.update(steps)
     return time.perf_counter() - start

@@ -7,11 +7,13 @@ Examples
 ``nct sample --pdb protein.pdb --forcefield amber14-all.xml implicit/obc2.xml --ns 1 --out data/protein``
 
 ``nct sample --prmtop ala2.prmtop --inpcrd ala2.inpcrd --ns 1 --out data/ala2``
+
+``nct sample --system ala2-vacuum --ns 8 --metadynamics --out data/ala2-biased`` (both Φ basins, with weights)
 """
 import openmm.unit as unit
 
 from nct_openmm.cli import CommandError
-from nct_openmm.simulate import runLangevin
+from nct_openmm.simulate import DihedralMetadynamics, runLangevin
 from nct_openmm.systems import BUILTIN_SYSTEMS, IMPLICIT_SOLVENT_FILES, builtinSystem, getPlatform, userSystem
 
 
@@ -41,6 +43,11 @@ def add_parser(subparsers):
     parser.add_argument("--friction", type=float, default=1.0, help="friction in 1/ps (default: 1)")
     parser.add_argument("--report-interval", type=float, default=0.5, help="ps between saved frames (default: 0.5)")
     parser.add_argument("--no-minimize", action="store_true", help="start the dynamics without minimizing")
+    parser.add_argument("--metadynamics", action="store_true",
+                        help="bias the backbone (phi, psi) with well-tempered metadynamics so that both phi basins "
+                             "are visited; writes OUT/weights.txt with per-frame reweighting factors for 'nct train "
+                             "--weights'")
+    parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered bias factor (default: 6)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -64,7 +71,10 @@ def run(args):
         progress=not args.no_progress,
         precision=args.precision,
         threads=args.threads,
+        metadynamics=DihedralMetadynamics(biasFactor=args.bias_factor) if args.metadynamics else None,
     )
+    if result.weights:
+        print(f"wrote reweighting factors to {result.weights}")
     print(
         f"wrote {result.nFrames} frames ({result.ns:g} ns of {molecularSystem.name}, {molecularSystem.nAtoms} atoms) "
         f"to {result.trajectory} with topology {result.topology}; {result.nsPerDay:.1f} ns/day on {result.platform}"

@@ -1,0 +1,61 @@
+"""``nct metad``: well-tempered metadynamics on the slow modes of a trained model."""
+from nct_openmm.cli import CommandError
+from nct_openmm.enhanced import SlowModeMetadynamicsSettings, runSlowModeMetadynamics
+from nct_openmm.slowmodes import SlowModeModel
+from nct_openmm.systems import BUILTIN_SYSTEMS, builtinSystem, getPlatform, userSystem
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "metad", help="well-tempered metadynamics on a model's slowest modes",
+        description="Run well-tempered metadynamics on the K slowest modes of MODEL (all modes in one TorchForce) "
+                    "and write the CV time series, the bias, the free energy in mode space, a trajectory, "
+                    "reweighting factors and OUT/summary.json (ns, ns_per_day, phi_transitions, delta_f).")
+    parser.add_argument("--model", required=True, help="model file from 'nct train'")
+    parser.add_argument("--system", help=f"a built-in system: {', '.join(BUILTIN_SYSTEMS)}")
+    parser.add_argument("--pdb", help="a PDB file (with --forcefield, or coordinates for --prmtop)")
+    parser.add_argument("--forcefield", nargs="+", help="force-field XML files for --pdb")
+    parser.add_argument("--prmtop", help="an Amber topology (coordinates from --pdb)")
+    parser.add_argument("--modes", type=int, default=2, help="slow modes to bias, 1-3 (default: 2)")
+    parser.add_argument("--ns", type=float, required=True, help="simulated time in ns")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--temperature", type=float, help="K (default: the model's training temperature)")
+    parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered bias factor (default: 6)")
+    parser.add_argument("--height", type=float, default=1.2, help="initial hill height in kJ/mol (default: 1.2)")
+    parser.add_argument("--width", type=float, default=0.25, help="hill width in mode units (default: 0.25)")
+    parser.add_argument("--frequency", type=int, default=250, help="steps between hills (default: 250)")
+    parser.add_argument("--naive", action="store_true",
+                        help="use openmm.app.Metadynamics with one TorchForce per mode (for comparison)")
+    parser.add_argument("--platform", help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args):
+    getPlatform(args.platform)  # fail on a bad platform before anything slow
+    if not 1 <= args.modes <= 3:
+        raise CommandError(f"--modes must be 1, 2 or 3, got {args.modes}")
+    model = SlowModeModel.load(args.model)
+    molecularSystem = _molecularSystem(args)
+    settings = SlowModeMetadynamicsSettings(modes=args.modes, biasFactor=args.bias_factor, height=args.height,
+                                            width=args.width, frequency=args.frequency, naive=args.naive)
+    summary = runSlowModeMetadynamics(model, molecularSystem, args.out, args.ns, args.temperature, settings,
+                                      args.platform, args.seed, progress=not args.no_progress)
+    print(f"{summary['ns']:g} ns of metadynamics on {args.modes} slow modes at {summary['ns_per_day']:.1f} ns/day "
+          f"({summary['platform']}): {summary['phi_transitions']} phi transitions, "
+          f"dF(phi>0 - phi<0) = {summary['delta_f']:.2f} +- {summary['delta_f_error']:.2f} kJ/mol; "
+          f"outputs in {args.out}")
+    return 0
+
+
+def _molecularSystem(args):
+    if args.system:
+        if args.pdb or args.prmtop:
+            raise CommandError("--system cannot be combined with --pdb or --prmtop")
+        return builtinSystem(args.system)
+    if args.prmtop:
+        return userSystem(prmtop=args.prmtop, pdb=args.pdb)
+    if args.pdb:
+        return userSystem(pdb=args.pdb, forcefield=args.forcefield)
+    raise CommandError("give --system, --pdb or --prmtop")

@@ -1,0 +1,251 @@
+"""Enhanced-sampling runs with a trained model: well-tempered metadynamics on its slow modes, and the baselines
+it is judged against (metadynamics on (Φ, Ψ), unbiased MD), summarised the same way.
+
+OpenMM idiom (camelCase, MD units). Every run writes ``traj.dcd``, ``top.pdb`` and, when biased, per-frame
+reweighting factors ``exp(V(s_t)/kT)`` of the final bias, so that :func:`summarizeRun` can count Φ transitions and
+estimate ΔF(Φ>0 − Φ<0) for all protocols alike.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+
+import mdtraj
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import torch
+from tqdm import tqdm
+
+from nct_openmm.analysis import basin_free_energy, count_transitions, free_energy_surface
+from nct_openmm.data import BOLTZMANN
+from nct_openmm.export import slow_mode_module
+from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
+from nct_openmm.metadynamics import LatentMetadynamics
+from nct_openmm.systems import getPlatform, platformProperties
+
+
+class TemperatureMismatchWarning(UserWarning):
+    """The model was trained at another temperature than the simulation runs at."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowModeMetadynamicsSettings:
+    """Well-tempered metadynamics on the ``modes`` slowest modes (unit-variance ε = ωQ, so one ``width`` fits all).
+
+    ``margin`` widens the training range of every mode on both sides (in mode units) to make the bias grid; a
+    flat-bottom wall of ``wallForceConstant`` (kJ/mol per squared mode unit) keeps the modes inside it.
+    """
+
+    modes: int = 2
+    biasFactor: float = 6.0
+    height: float = 1.2  # kJ/mol
+    width: float = 0.25  # mode units
+    frequency: int = 250  # steps
+    margin: float = 1.5
+    wallForceConstant: float = 50.0
+    naive: bool = False  # openmm.app.Metadynamics with one TorchForce per mode, for comparisons
+
+
+def checkModelForSystem(model, molecularSystem, temperature):
+    """Refuse a model that cannot describe this system; warn when it was trained at another temperature.
+
+    Raises
+    ------
+    ValueError
+        When the model's atom indices do not exist in the system or their elements (masses) differ.
+    """
+    indices = model.atom_indices
+    n_atoms = molecularSystem.system.getNumParticles()
+    if max(indices) >= n_atoms:
+        raise ValueError(f"the model reads atom indices up to {max(indices)}, but the system has {n_atoms} atoms: "
+                         "it was trained on another system")
+    masses = np.array([molecularSystem.system.getParticleMass(i).value_in_unit(unit.dalton) for i in indices])
+    expected = model.frame.masses.numpy()
+    if not np.allclose(masses, expected, rtol=1e-3):
+        raise ValueError("the masses of the model's atoms differ from this system's (another molecule or atom order)")
+    if abs(model.temperature - temperature) > 1.0:
+        warnings.warn(f"the model was trained on data at {model.temperature:.1f} K but the simulation runs at "
+                      f"{temperature:.1f} K: its slow modes and their scaling describe the other temperature",
+                      TemperatureMismatchWarning, stacklevel=2)
+
+
+def _simulation(molecularSystem, system, temperature, seed, platform, timestep=0.002):
+    integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, timestep)
+    integrator.setRandomNumberSeed(int(seed) + 1)
+    chosen = getPlatform(platform)
+    simulation = app.Simulation(molecularSystem.topology, system, integrator, chosen, platformProperties(chosen))
+    simulation.context.setPositions(molecularSystem.positions)
+    simulation.minimizeEnergy()
+    simulation.context.setVelocitiesToTemperature(temperature, int(seed) + 1)
+    return simulation
+
+
+def _writeTopology(simulation, path):
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(simulation.topology, simulation.context.getState(getPositions=True).getPositions(),
+                              handle)
+
+
+def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None, settings=None, platform=None,
+                            seed=0, reportInterval=0.1, progress=True):
+    """Well-tempered metadynamics on the slow modes of ``model`` and its outputs in ``outDir``.
+
+    Writes ``traj.dcd``, ``top.pdb``, ``cv.txt`` (time series at every hill), ``bias.npz`` (restartable with
+    :meth:`LatentMetadynamics.loadBias`), ``fes_modes.npz``, ``weights.txt`` (final-bias reweighting factors per
+    frame) and ``summary.json`` (see :func:`summarizeRun`).
+
+    Parameters
+    ----------
+    model : nct_openmm.slowmodes.SlowModeModel
+    molecularSystem : nct_openmm.systems.MolecularSystem
+        Not modified (the bias goes into a copy of its System).
+    outDir : str
+    ns : float
+        Simulated time.
+    temperature : float, optional
+        K; the model's training temperature by default.
+    settings : SlowModeMetadynamicsSettings, optional
+    platform : str, optional
+    seed : int
+    reportInterval : float
+        ps between saved frames.
+    progress : bool
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+    """
+    settings = settings or SlowModeMetadynamicsSettings()
+    temperature = float(model.temperature if temperature is None else temperature)
+    checkModelForSystem(model, molecularSystem, temperature)
+    cv = slow_mode_module(model, settings.modes)
+    system = openmm.XmlSerializer.clone(molecularSystem.system)
+    checkSystemCompatible(system, cv)
+    periodic = system.usesPeriodicBoundaryConditions()
+    ranges = _biasRanges(model, settings)
+    if settings.naive:
+        variables = slowModeBiasVariables(cv, list(range(settings.modes)), _trainingRanges(model, settings.modes),
+                                          settings.width, padding=settings.margin, periodic=periodic)
+        bias = app.Metadynamics(system, variables, temperature, settings.biasFactor,
+                                settings.height * unit.kilojoule_per_mole, settings.frequency)
+    else:
+        bias = LatentMetadynamics(system, cv, ranges, settings.width, temperature, settings.biasFactor,
+                                  settings.height, settings.frequency, periodic=periodic,
+                                  wallForceConstant=settings.wallForceConstant)
+    simulation = _simulation(molecularSystem, system, temperature, seed, platform)
+    os.makedirs(outDir, exist_ok=True)
+    _writeTopology(simulation, os.path.join(outDir, "top.pdb"))
+    stepsPerFrame = max(1, int(round(reportInterval / 0.002)))
+    simulation.reporters.append(app.DCDReporter(os.path.join(outDir, "traj.dcd"), stepsPerFrame))
+    seconds = _stepInChunks(lambda n: bias.step(simulation, n), int(round(ns * 500000)), stepsPerFrame * 50,
+                            progress, "metadynamics")
+    biasAt = _biasFunction(bias, cv, settings, temperature)
+    weights = _reweightingFactors(biasAt, cv, os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"),
+                                  temperature, periodic)
+    np.savetxt(os.path.join(outDir, "weights.txt"), weights, fmt="%.8g")
+    if not settings.naive:
+        bias.saveBias(os.path.join(outDir, "bias.npz"))
+        _writeModeOutputs(bias, outDir)
+    summary = summarizeRun(os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"), temperature, weights)
+    summary.update(protocol="nct-metad" + ("-naive" if settings.naive else ""), ns=ns,
+                   ns_per_day=ns * 86400.0 / seconds, settings=dataclasses.asdict(settings), seed=seed,
+                   platform=simulation.context.getPlatform().getName(), model_temperature=model.temperature)
+    _writeSummary(summary, outDir)
+    return summary
+
+
+def _trainingRanges(model, modes):
+    ranges = model.metadata.get("mode_ranges")
+    if not ranges:
+        return [(-3.0, 3.0)] * modes
+    return [tuple(r) for r in ranges[:modes]]
+
+
+def _biasRanges(model, settings):
+    return [(lo - settings.margin, hi + settings.margin) for lo, hi in _trainingRanges(model, settings.modes)]
+
+
+def _stepInChunks(step, nSteps, chunk, progress, name):
+    start = time.perf_counter()
+    with tqdm(total=nSteps, desc=name, unit="step", disable=not progress) as bar:
+        done = 0
+        while done < nSteps:
+            n = min(chunk, nSteps - done)
+            step(n)
+            done += n
+            bar.update(n)
+    return time.perf_counter() - start
+
+
+def _biasFunction(bias, cv, settings, temperature):
+    """The final bias as a function of CV values (kJ/mol)."""
+    if not settings.naive:
+        return bias.getBias
+    free = np.asarray(bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole))
+    grids = [np.linspace(v.minValue, v.maxValue, v.gridWidth) for v in bias.variables]
+    factor = -(settings.biasFactor - 1.0) / settings.biasFactor
+    from scipy.interpolate import RegularGridInterpolator
+
+    # app.Metadynamics orders its grid axes last variable first.
+    interpolator = RegularGridInterpolator(grids[::-1], factor * (free - free.min()), bounds_error=False,
+                                           fill_value=None)
+    return lambda values: interpolator(np.asarray(values)[:, ::-1])
+
+
+def _reweightingFactors(biasAt, cv, trajectory, topology, temperature, periodic):
+    """``exp(V(s_t)/kT)`` per saved frame with the final bias, normalised to mean 1."""
+    traj = mdtraj.load(trajectory, top=topology)
+    values = modeValues(cv, traj, periodic)
+    logWeights = np.asarray(biasAt(values), dtype=float) / (BOLTZMANN * temperature)
+    weights = np.exp(logWeights - logWeights.max())
+    return weights * len(weights) / weights.sum()
+
+
+def modeValues(cv, traj, periodic=False):
+    """The CV module's modes ``(T, K)`` for every frame of an mdtraj trajectory of the whole system."""
+    boxes = traj.unitcell_vectors if periodic else None
+    with torch.no_grad():
+        rows = [cv(torch.as_tensor(traj.xyz[i], dtype=torch.float32),
+                   None if boxes is None else torch.as_tensor(boxes[i], dtype=torch.float32))
+                for i in range(traj.n_frames)]
+    return torch.stack(rows).double().numpy()
+
+
+def _writeModeOutputs(bias, outDir):
+    series = bias.getTimeSeries()
+    header = "step time_ps " + " ".join(f"s{k}" for k in range(series["cv"].shape[1])) + " bias_kj_mol height_kj_mol"
+    table = np.column_stack([series["step"], series["time_ps"], series["cv"], series["bias_kj_mol"],
+                             series["height_kj_mol"]]) if len(series["step"]) else np.zeros((0, 4))
+    np.savetxt(os.path.join(outDir, "cv.txt"), table, header=header, fmt="%.6g")
+    fes = bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)
+    np.savez(os.path.join(outDir, "fes_modes.npz"), free_energy=fes - fes.min(),
+             **{f"mode{k}": g for k, g in enumerate(bias.getGridPoints())})
+
+
+def summarizeRun(trajectory, topology, temperature, weights=None):
+    """Φ transitions and ΔF(Φ>0 − Φ<0) of a peptide run (weights reweight a biased run).
+
+    Returns
+    -------
+    dict
+        ``phi_transitions`` (committed crossings between the Φ<0 and Φ>0 basin cores), ``frames``, ``delta_f`` and
+        ``delta_f_error`` (kJ/mol, block averaging over 5 blocks), ``phi_positive_fraction`` (weighted).
+    """
+    traj = mdtraj.load(trajectory, top=topology)
+    phi = mdtraj.compute_phi(traj)[1][:, 0]
+    kT = BOLTZMANN * temperature
+    w = None if weights is None else np.asarray(weights, dtype=float)
+    deltaF, error = basin_free_energy(phi, kT, weights=w)
+    fraction = float(np.average(phi > 0, weights=w))
+    return {"phi_transitions": int(count_transitions(phi)), "frames": int(len(phi)), "delta_f": float(deltaF),
+            "delta_f_error": float(error), "phi_positive_fraction": fraction, "temperature": temperature}
+
+
+def _writeSummary(summary, outDir):
+    with open(os.path.join(outDir, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2, default=float)
