@@ -1,0 +1,850 @@
+"""Well-tempered metadynamics on 1–3 slow modes, evaluated in one ``TorchForce``.
+
+``openmm.app.Metadynamics`` with learned CVs runs one ``TorchForce`` per mode inside a ``CustomCVForce`` (K forward
+and backward passes per step) and refits a spline over the whole grid every time it adds a hill. Here the bias lives
+inside the TorchScript module that also evaluates the CV model:
+
+- **One model evaluation per step.** The module computes the K modes, looks the bias up on its own grid and returns
+  the energy; autograd gives the forces, so they are exactly −∇E of the bias that is applied.
+- **Hills travel through global parameters.** At a deposition step the driver reads the modes and the current bias
+  out of the Context (zero-weight energy terms whose parameter derivatives are the values), computes the
+  well-tempered height ``h = h0 exp(−V(s) / (k_B ΔT))``, ΔT = (γ − 1) T, and sets a hill counter, the centre and
+  the height as Context parameters. The module adds the hill to its grid buffer the first time it sees a new
+  counter value; the buffer change persists inside the Context. The Python side does no grid work at deposition
+  time: it keeps the hill list and folds it into its own copy of the grid only when asked (free energy, saving);
+  that copy equals the Context's grid to rounding. The heights use V(s) as the Context applies it, and every
+  deposition checks that the Context's grid holds as many hills as the driver deposited. A hill therefore costs
+  one evaluation of the model plus an update of the nodes within ``HILL_CUTOFF`` widths of its centre, whatever
+  the grid size (``benchmarks/hill_cost.py``: 0.7–1.2 ms per hill against 0.7 ms to several hundred ms for
+  ``app.Metadynamics`` on grids from 90 to 50³ nodes, this CPU, a cheap stand-in model).
+- **Smooth bias.** Every grid node stores the bias and its first mixed derivatives (∂V/∂s_i, ∂²V/∂s_i∂s_j, …),
+  accumulated from the exact derivatives of each Gaussian, and the module evaluates the tensor-product cubic
+  Hermite interpolant. The bias is C¹ in the modes, so forces are continuous; a linearly interpolated grid would
+  give forces that jump at every cell face.
+
+Grid or list of hills? A fixed-capacity list of exact Gaussians costs O(number of hills) per step, the grid O(1)
+per step and O(2^K × nodes) memory. Measured on this project's 2-core CPU (Reference platform, alanine dipeptide,
+K = 2, µs per step on top of a TorchForce that only evaluates the CV model, over four runs on a shared machine):
+the grid (81², any number of hills) added 350–425; a hill list added 70–220 with 1000 hills, 330–530 with 5000 and
+940–1780 with 20 000 (a 20 ns run with a hill every ps deposits 20 000). The list wins only below a few thousand
+hills, so the bias is a grid. Its
+other costs: memory, 2^K × 8 bytes per node (K = 3 with 121 nodes per mode: 113 MB, carried inside the force);
+the interpolation error, at most 2e-4 of a hill height at the default spacing of a third of a hill width (8e-5 at
+a quarter); and the truncation of each Gaussian at ``HILL_CUTOFF`` widths. On this CPU the grid lookup is about
+30 small tensor operations, each costing a few µs of TorchScript overhead; on a GPU, CUDA graphs would remove most
+of that.
+
+Outside the grid the bias continues flat: V(s) = V(clamp(s, lo, hi)), so the energy is continuous but the bias
+force normal to the grid boundary drops to zero there. Choose ranges with a margin of a few hill widths around the
+region to sample; ``wallForceConstant`` adds a flat-bottom harmonic wall, ``½ κ d²`` with d the distance outside
+the range in mode units, that pushes the system back. Hills whose centre lies outside the range are still
+deposited (their tails reach the grid).
+
+CUDA graphs (``cudaGraphs=True``): the module adds hills without data-dependent branches, so it can be captured.
+Whether the captured graph sees new hills depends on openmm-torch passing changed global parameters to it, which
+the kernel source we have read does not do; the hill-count check in :meth:`LatentMetadynamics.step` stops a run
+where hills do not arrive. Not yet verified on a GPU.
+
+Multiple time stepping: the bias force sits in its own force group (:attr:`LatentMetadynamics.forceGroup`), so an
+``openmm.MTSLangevinIntegrator`` can apply it every n-th inner step. With an outer step of n × 2 fs, give the bias
+group one substep and everything else n: ``MTSLangevinIntegrator(T, 1/ps, n*2*fs, [(meta.forceGroup, 1), (0, n)])``
+(list every other group the System uses with n substeps too). ``frequency`` then counts outer steps. How much
+accuracy the slower bias costs is the user's to measure.
+
+Examples
+--------
+>>> meta = LatentMetadynamics(system, cvModule, ranges=[(-4, 4), (-4, 4)], widths=[0.2, 0.2],
+...                           temperature=300 * unit.kelvin, biasFactor=8, height=1.0, frequency=500)  # doctest: +SKIP
+>>> simulation = app.Simulation(topology, system, integrator)  # doctest: +SKIP
+>>> meta.step(simulation, 500000)  # doctest: +SKIP
+>>> fes = meta.getFreeEnergy()  # doctest: +SKIP
+>>> meta.saveBias("bias.npz")  # doctest: +SKIP
+"""
+import math
+import os
+import tempfile
+from typing import List, Optional
+
+import numpy as np
+import openmm
+import torch
+from openmm import unit
+
+from nct_openmm.backend import createTorchForce
+
+__all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule"]
+
+#: Version of the file written by :meth:`LatentMetadynamics.saveBias`.
+BIAS_FORMAT_VERSION = 1
+
+MAX_MODES = 3
+NUM_FORCE_GROUPS = 32
+
+#: Name of the force LatentMetadynamics adds (``Force.getName``).
+FORCE_NAME = "LatentMetadynamics"
+
+#: Default grid spacing is the hill width divided by this.
+POINTS_PER_WIDTH = 3
+
+#: Gaussians are cut at this many widths from their centre (exp(−12.5) ≈ 4e-6 of the height).
+HILL_CUTOFF = 5.0
+
+_PREFIX = "nctMetad"
+_HILL_ID = _PREFIX + "HillId"
+_HEIGHT = _PREFIX + "Height"
+_BIAS_READOUT = _PREFIX + "BiasReadout"
+_COUNT_READOUT = _PREFIX + "HillCountReadout"
+
+
+def _centreParameter(k):
+    return f"{_PREFIX}Centre{k}"
+
+
+def _modeReadout(k):
+    return f"{_PREFIX}ModeReadout{k}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TorchScript: the grid and the module OpenMM evaluates
+# ---------------------------------------------------------------------------------------------------------------
+
+class HermiteBiasGrid(torch.nn.Module):
+    """A bias on a regular K-dimensional grid of values and mixed derivatives, read by cubic Hermite interpolation.
+
+    Node data are stored as ``values[c, node]``, where bit k of channel ``c`` says whether the stored quantity is
+    differentiated once with respect to mode k (channel 0 is the bias itself, channel 2^K − 1 the K-th mixed
+    derivative). Gaussian hills are separable, so each channel of a hill is a product of 1-D factors.
+    :meth:`evaluate` returns the interpolant and its exact gradient without autograd: TorchScript pays a few
+    microseconds per operation on a CPU, and recording the interpolation for backward would double that.
+
+    Parameters
+    ----------
+    lows, highs : list of float
+        Grid range of each mode (the end points are nodes).
+    sizes : list of int
+        Nodes per mode, at least 2.
+    widths : list of float
+        Hill widths (Gaussian standard deviations) in mode units.
+    values : torch.Tensor, optional
+        Initial node data, shape ``(2**K, prod(sizes))``, float64; zeros when omitted.
+    hillCount : int
+        Hills already contained in ``values``.
+    wallForceConstant : float
+        κ of the flat-bottom wall outside the range, kJ/mol per squared mode unit.
+    branchFree : bool
+        Add hills without a data-dependent branch, so the module can be captured in a CUDA graph; every step then
+        pays for one hill's worth of arithmetic, multiplied by zero.
+
+    Examples
+    --------
+    >>> grid = HermiteBiasGrid([-2.0], [2.0], [17], [0.5])
+    >>> grid.deposit(torch.tensor([0.0], dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64))
+    >>> bias, total, gradient = grid.evaluate(torch.tensor([[0.0], [0.5]], dtype=torch.float64))
+    >>> [round(float(v), 4) for v in bias], [round(float(g), 4) for g in gradient[:, 0]]
+    ([1.5, 0.9098], [0.0, -1.8196])
+    """
+
+    def __init__(self, lows: List[float], highs: List[float], sizes: List[int], widths: List[float],
+                 values: Optional[torch.Tensor] = None, hillCount: int = 0, wallForceConstant: float = 0.0,
+                 branchFree: bool = False):
+        super().__init__()
+        self.numModes = len(sizes)
+        self.lows = [float(x) for x in lows]
+        self.highs = [float(x) for x in highs]
+        self.sizes = [int(n) for n in sizes]
+        self.widths = [float(w) for w in widths]
+        self.spacings = [(h - l) / (n - 1) for l, h, n in zip(self.lows, self.highs, self.sizes)]
+        self.halfWindows = [min(math.ceil(HILL_CUTOFF * w / d), n - 1)
+                            for w, d, n in zip(self.widths, self.spacings, self.sizes)]
+        self.strides = [int(np.prod(self.sizes[k + 1:], dtype=np.int64)) for k in range(self.numModes)]
+        self.wallForceConstant = float(wallForceConstant)
+        self.branchFree = bool(branchFree)
+        numChannels, numNodes = 2 ** self.numModes, int(np.prod(self.sizes, dtype=np.int64))
+        if values is None:
+            values = torch.zeros(numChannels, numNodes, dtype=torch.float64)
+        if tuple(values.shape) != (numChannels, numNodes):
+            raise ValueError(f"grid values must have shape {(numChannels, numNodes)}, got {tuple(values.shape)}")
+        self.register_buffer("values", values.to(torch.float64).clone())
+        self.register_buffer("hillCount", torch.tensor(float(hillCount), dtype=torch.float64))
+        half = max(self.halfWindows)
+        self.register_buffer("offsets", torch.arange(-half, half + 1, dtype=torch.long))
+        for name, tensor in _interpolationTables(self.lows, self.highs, self.sizes, self.spacings).items():
+            self.register_buffer(name, tensor)
+        self.weightShape = [-1, (self.numModes + 1) * numChannels * numChannels, self.numModes]
+
+    def nodeGaussians(self, k: int, nearest: torch.Tensor, offsets: torch.Tensor, centre: torch.Tensor):
+        """Gaussian factor of mode ``k`` and its derivative at nodes ``nearest + offsets``, zero beyond the cutoff.
+
+        Both the module's windowed update and the driver's dense rebuild go through here, so the two grids hold the
+        same numbers.
+        """
+        x = self.lows[k] + (nearest + offsets).to(torch.float64) * self.spacings[k]
+        d = x - centre
+        inside = (offsets.abs() <= self.halfWindows[k]).to(torch.float64)
+        g = torch.exp(-0.5 * (d / self.widths[k]) ** 2) * inside
+        return g, -d / self.widths[k] ** 2 * g
+
+    @torch.jit.export
+    def deposit(self, centre: torch.Tensor, height: torch.Tensor):
+        """Add ``height × Gaussian(centre)`` to the nodes within the cutoff: a box of the grid, updated in place.
+
+        Reads the centre on the host (one synchronisation on a GPU); :meth:`depositFixedShape` does not.
+        """
+        region = self.values.view([self.values.shape[0]] + self.sizes)
+        channels = height.to(torch.float64).view(1, 1)
+        for k in range(self.numModes):
+            nearest = int(torch.round((centre[k] - self.lows[k]) / self.spacings[k]))
+            first = max(nearest - self.halfWindows[k], 0)
+            last = min(nearest + self.halfWindows[k], self.sizes[k] - 1)
+            if first > last:
+                return
+            offsets = torch.arange(first - nearest, last - nearest + 1, device=self.values.device)
+            g, dg = self.nodeGaussians(k, torch.tensor(nearest, device=self.values.device), offsets, centre[k])
+            channels = (torch.stack([g, dg])[:, None, None, :] * channels[None, :, :, None]).reshape(
+                2 * channels.shape[0], -1)
+            region = region.narrow(k + 1, first, last - first + 1)
+        region.add_(channels.view(region.shape))
+
+    @torch.jit.export
+    def depositFixedShape(self, centre: torch.Tensor, height: torch.Tensor):
+        """Like :meth:`deposit`, with tensors of a fixed shape and no host synchronisation (for CUDA graphs).
+
+        Scatters a window of ``2 * max(halfWindows) + 1`` nodes per mode; nodes off the grid get weight zero.
+        """
+        device = self.values.device
+        flat = torch.zeros(1, dtype=torch.long, device=device)
+        channels = height.to(torch.float64).view(1, 1)
+        for k in range(self.numModes):
+            nearest = torch.round((centre[k] - self.lows[k]) / self.spacings[k]).to(torch.long)
+            nodes = nearest + self.offsets
+            onGrid = ((nodes >= 0) & (nodes < self.sizes[k])).to(torch.float64)
+            g, dg = self.nodeGaussians(k, nearest, self.offsets, centre[k])
+            factors = torch.stack([g * onGrid, dg * onGrid])
+            channels = (factors[:, None, None, :] * channels[None, :, :, None]).reshape(2 * channels.shape[0], -1)
+            nodeIndex = nodes.clamp(0, self.sizes[k] - 1) * self.strides[k]
+            flat = (flat[:, None] + nodeIndex[None, :]).reshape(-1)
+        self.values.index_add_(1, flat, channels)
+
+    @torch.jit.export
+    def evaluate(self, s: torch.Tensor):
+        """Bias at CV points ``s`` ``(M, K)``: ``(grid part (M,), grid plus wall (M,), gradient of both (M, K))``.
+
+        Inside the range, the cubic Hermite interpolant; outside, the interpolant at the nearest point of the range
+        (so its gradient across the boundary is zero) plus the wall. Computed without autograd.
+        """
+        clamped = torch.clamp(s, self.rangeLow, self.rangeHigh)
+        t = torch.addcmul(self.cellOrigin, clamped, self.inverseSpacing)
+        cell = torch.minimum(torch.floor(t), self.lastCell)
+        powers = ((t - cell).unsqueeze(-1) ** self.exponents).unsqueeze(-2)
+        basis = torch.matmul(powers, self.basisCoefficients).view(s.shape[0], -1)
+        weights = basis.index_select(1, self.basisIndex).view(self.weightShape).prod(-1)
+        corners = (cell * self.nodeStrides).sum(-1).long().view(-1, 1, 1) + self.cornerChannelOffsets
+        result = torch.bmm(weights.view(s.shape[0], self.numModes + 1, -1), self.values.take(corners))
+        bias = result[:, 0, 0]
+        gradient = result[:, 1:, 0] * (s == clamped)
+        if self.wallForceConstant == 0.0:
+            return bias, bias, gradient
+        outside = s - clamped
+        wall = 0.5 * self.wallForceConstant * (outside * outside).sum(-1)
+        return bias, bias + wall, gradient + self.wallForceConstant * outside
+
+    @torch.jit.export
+    def addHill(self, hillId: torch.Tensor, centres: List[torch.Tensor], height: torch.Tensor):
+        """Deposit the hill announced as ``hillId`` unless it is already in the grid."""
+        hillId = hillId.detach().to(torch.float64)
+        isNew = hillId > self.hillCount
+        if self.branchFree:
+            self.depositFixedShape(torch.stack(centres).detach().to(torch.float64),
+                                   height.detach() * isNew.to(height.dtype))
+            self.hillCount.copy_(torch.maximum(self.hillCount, hillId))
+        elif bool(isNew):
+            self.deposit(torch.stack(centres).detach().to(torch.float64), height.detach().to(torch.float64))
+            self.hillCount.copy_(hillId)
+
+
+#: Cubic Hermite basis on a cell, as polynomial coefficients of (1, u, u², u³). Rows: value of node 0, slope of
+#: node 0, value of node 1, slope of node 1 (slopes per unit u); then the same differentiated with respect to u.
+_HERMITE = np.array([
+    [1, 0, -3, 2], [0, 1, -2, 1], [0, 0, 3, -2], [0, 0, -1, 1],
+    [0, -6, 6, 0], [1, -4, 3, 0], [0, 6, -6, 0], [0, -2, 3, 0],
+], dtype=np.float64)
+
+
+def _interpolationTables(lows, highs, sizes, spacings):
+    """Constant index and coefficient tables that let :meth:`HermiteBiasGrid.evaluate` run as a few tensor ops.
+
+    Corners and channels of a cell are both numbered by bit patterns (bit k: upper node / derivative along k).
+    ``basisIndex[j, corner, channel, k]`` picks, from the flattened per-mode basis ``(K, order, node, slope)``,
+    the factor that mode k contributes to the weight of ``values[channel, corner]`` in row j of the result: row 0
+    is the interpolant, row k + 1 its u-derivative along mode k (order 1 for mode k, order 0 for the others).
+    """
+    numModes = len(sizes)
+    numCorners = 2 ** numModes
+    bits = np.array([[(c >> k) & 1 for k in range(numModes)] for c in range(numCorners)])
+    coefficients = np.stack([_HERMITE.T.copy() for _ in range(numModes)])
+    for k, spacing in enumerate(spacings):
+        # Node slopes are per unit s, the basis is in u = (s - node) / spacing; derivative rows return d/ds.
+        coefficients[k][:, [1, 3, 5, 7]] *= spacing
+        coefficients[k][:, 4:] /= spacing
+    row, corner, channel, mode = np.meshgrid(np.arange(numModes + 1), np.arange(numCorners), np.arange(numCorners),
+                                             np.arange(numModes), indexing="ij")
+    order = (row == mode + 1).astype(np.int64)
+    basisIndex = (mode * 8 + order * 4 + bits[corner, mode] * 2 + bits[channel, mode])
+    basisIndex = basisIndex.reshape(numModes + 1, numCorners * numCorners, numModes)
+    strides = [int(np.prod(sizes[k + 1:], dtype=np.int64)) for k in range(numModes)]
+    numNodes = int(np.prod(sizes, dtype=np.int64))
+    cornerChannelOffsets = (bits @ np.array(strides))[:, None] + np.arange(numCorners)[None, :] * numNodes
+    low, spacing = torch.tensor(lows, dtype=torch.float64), torch.tensor(spacings, dtype=torch.float64)
+    return {
+        "rangeLow": low,
+        "rangeHigh": torch.tensor(highs, dtype=torch.float64),
+        "cellOrigin": -low / spacing,
+        "inverseSpacing": 1.0 / spacing,
+        "lastCell": torch.tensor([n - 2 for n in sizes], dtype=torch.float64),
+        "exponents": torch.arange(4, dtype=torch.float64),
+        "basisCoefficients": torch.as_tensor(coefficients),
+        "basisIndex": torch.as_tensor(basisIndex.reshape(-1)),
+        "nodeStrides": torch.tensor(strides, dtype=torch.float64),
+        "cornerChannelOffsets": torch.as_tensor(cornerChannelOffsets.reshape(1, -1, 1)),
+    }
+
+
+class LatentMetadynamicsModule(torch.nn.Module):
+    """CV module followed by the grid bias, with hill deposition and read-outs driven by global parameters.
+
+    Energy (kJ/mol) = V(s) + wall(s) + β V(s) + Σ_k λ_k s_k + ν n. The read-out parameters β, λ_k, ν are zero and
+    exist for their energy derivatives: V(s), the modes s_k, and the hill count n of this module's grid. The bias
+    enters autograd only as ``s · G`` plus a constant, with G its exact gradient at s computed without autograd,
+    so backward runs through the CV model and one product. Subclasses give ``forward`` the argument list
+    ``TorchForce`` passes.
+    """
+
+    def __init__(self, cvModule: torch.nn.Module, modes: List[int], grid: HermiteBiasGrid):
+        super().__init__()
+        self.cv = cvModule
+        self.grid = grid
+        self.allModes = modes == list(range(int(cvModule.num_modes)))
+        self.register_buffer("modes", torch.tensor(modes, dtype=torch.long))
+
+    def energy(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor], hillId: torch.Tensor,
+               height: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
+               centres: List[torch.Tensor], modeReadouts: List[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            self.grid.addHill(hillId, centres, height)
+        s = self.cv(positions, boxvectors)
+        if not self.allModes:
+            s = s[self.modes]
+        s = s.to(torch.float64)
+        # The lookup runs without autograd (TorchScript would otherwise wrap it in a differentiable graph). Not
+        # s.detach(): torch.jit.freeze drops detach, and its CSE ignores no_grad scopes, so the product with s
+        # below must stay a different expression from the constant term computed here.
+        with torch.no_grad():
+            bias, total, gradient = self.grid.evaluate(s.unsqueeze(0))
+            constant = total[0] - torch.dot(s, gradient[0])
+        energy = (s * (gradient[0] + torch.stack(modeReadouts))).sum() + constant
+        energy = energy + biasReadout * bias[0] + countReadout * self.grid.hillCount
+        return energy.to(positions.dtype)
+
+
+class _MetadynamicsModuleNoBox(LatentMetadynamicsModule):
+    def forward(self, positions: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
+                p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor,
+                p4: Optional[torch.Tensor] = None, p5: Optional[torch.Tensor] = None,
+                p6: Optional[torch.Tensor] = None, p7: Optional[torch.Tensor] = None) -> torch.Tensor:
+        readouts, hillId, height, centres = _splitParameters(self.grid.numModes, [p0, p1, p2, p3], [p4, p5, p6, p7])
+        return self.energy(positions, None, hillId, height, biasReadout, countReadout, centres, readouts)
+
+
+class _MetadynamicsModuleBox(LatentMetadynamicsModule):
+    def forward(self, positions: torch.Tensor, boxvectors: torch.Tensor, biasReadout: torch.Tensor,
+                countReadout: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor,
+                p4: Optional[torch.Tensor] = None, p5: Optional[torch.Tensor] = None,
+                p6: Optional[torch.Tensor] = None, p7: Optional[torch.Tensor] = None) -> torch.Tensor:
+        readouts, hillId, height, centres = _splitParameters(self.grid.numModes, [p0, p1, p2, p3], [p4, p5, p6, p7])
+        return self.energy(positions, boxvectors, hillId, height, biasReadout, countReadout, centres, readouts)
+
+
+def _splitParameters(numModes: int, given: List[torch.Tensor], optional: List[Optional[torch.Tensor]]):
+    """Split the per-mode global parameters: K mode read-outs, the hill id, the height, K centres.
+
+    TorchScript has no ``*args``; TorchForce passes exactly 2K + 2 of them after the two read-outs, 4 for K = 1 and
+    up to 8 for K = 3, so the last four slots are optional. See :func:`_parameterOrder`.
+    """
+    parameters = given
+    for parameter in optional:
+        if parameter is not None:
+            parameters.append(parameter)
+    return (parameters[:numModes], parameters[numModes], parameters[numModes + 1],
+            parameters[numModes + 2:2 * numModes + 2])
+
+
+def _depositDense(grid, centres, heights, chunk=256):
+    """Add many hills to ``grid`` at once (driver side): per-mode factors on every node, then one contraction.
+
+    Uses :meth:`HermiteBiasGrid.nodeGaussians` with the same nearest node and cutoff as the module's windowed
+    update, so the result equals depositing the hills one by one.
+    """
+    numModes = grid.numModes
+    letters = "abc"[:numModes]
+    equation = "p," + ",".join(f"p{letter}" for letter in letters) + "->" + letters
+    with torch.no_grad():
+        for start in range(0, len(heights), chunk):
+            c = torch.as_tensor(centres[start:start + chunk], dtype=torch.float64)
+            h = torch.as_tensor(heights[start:start + chunk], dtype=torch.float64)
+            factors = [_denseFactors(grid, k, c[:, k]) for k in range(numModes)]
+            for channel in range(2 ** numModes):
+                perMode = [factors[k][(channel >> k) & 1] for k in range(numModes)]
+                grid.values[channel] += torch.einsum(equation, h, *perMode).reshape(-1)
+
+
+def _denseFactors(grid, k, centres):
+    nearest = torch.round((centres - grid.lows[k]) / grid.spacings[k]).to(torch.long)[:, None]
+    offsets = torch.arange(grid.sizes[k], dtype=torch.long)[None, :] - nearest
+    return grid.nodeGaussians(k, nearest, offsets, centres[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------------
+
+class LatentMetadynamics:
+    """Well-tempered metadynamics on K = 1–3 slow modes of a CV module, as one ``TorchForce``.
+
+    Mirrors ``openmm.app.Metadynamics``: construct it (it adds its force to ``system``), build the Simulation, then
+    call :meth:`step` instead of ``simulation.step``. The bias is a grid read by cubic Hermite interpolation inside
+    the model (see the module documentation for the design and its costs).
+
+    Parameters
+    ----------
+    system : openmm.System
+        The force is added here, in a force group of its own unless ``forceGroup`` is given.
+    cvModule : torch.nn.Module or torch.jit.ScriptModule
+        Follows the CV-module contract: ``forward(positions, boxvectors=None) -> (num_modes,)``, attributes
+        ``num_modes`` and ``num_atoms_required``.
+    ranges : sequence of (float, float)
+        Grid range (lo, hi) of each biased mode, in mode units.
+    widths : float or sequence of float
+        Hill widths (Gaussian standard deviations) in mode units, positive.
+    temperature : openmm.unit.Quantity or float
+        Simulation temperature (K).
+    biasFactor : float
+        γ > 1: hills shrink as ``exp(−V / (k_B (γ − 1) T))``, and the CV samples the Boltzmann distribution at γ T.
+    height : openmm.unit.Quantity or float
+        Initial hill height (kJ/mol).
+    frequency : int
+        Steps between hills.
+    gridWidth : int or sequence of int, optional
+        Nodes per mode (end points included). Defaults to one node every ``width / POINTS_PER_WIDTH``.
+    biasDir : str, optional
+        Folder to save the bias into every ``saveFrequency`` steps (file ``bias.npz``; loadable with
+        :meth:`loadBias`). Walkers do not share biases through it.
+    saveFrequency : int, optional
+        Multiple of ``frequency``; required with ``biasDir``.
+    periodic : bool
+        Hand the box vectors to the CV module (systems with periodic boundary conditions).
+    cudaGraphs : bool
+        Capture the module in a CUDA graph on the CUDA platform. Hills are then added without a branch, at the cost
+        of one hill's worth of (zero-weighted) arithmetic every step. Hills and read-outs travel as Context global
+        parameters, and the openmm-torch CUDA kernel we have read creates new parameter tensors at every call,
+        which a captured graph never sees: check on your build that hills arrive (:meth:`step` raises
+        RuntimeError at the second hill when they do not).
+    forceGroup : int, optional
+        Defaults to the highest group no force of ``system`` uses.
+    stride : int
+        Record the time series at every ``stride``-th hill.
+    modes : sequence of int, optional
+        Which modes of the CV module to bias, default all of them (then the module must have at most 3).
+    wallForceConstant : openmm.unit.Quantity or float
+        Flat-bottom wall outside the ranges, kJ/mol per squared mode unit; 0 (default) leaves the bias flat there.
+
+    Attributes
+    ----------
+    forceGroup : int
+    force : openmmtorch.TorchForce
+        The force in ``system`` (replaced by :meth:`loadBias`).
+
+    Examples
+    --------
+    >>> meta = LatentMetadynamics(system, cvModule, [(-4, 4), (-4, 4)], [0.2, 0.2], 300 * unit.kelvin,
+    ...                           biasFactor=8, height=1.0 * unit.kilojoule_per_mole, frequency=500)  # doctest: +SKIP
+    >>> meta.step(simulation, 100000)  # doctest: +SKIP
+    >>> meta.getHills()[0].shape  # doctest: +SKIP
+    (200, 2)
+    """
+
+    def __init__(self, system, cvModule, ranges, widths, temperature, biasFactor, height, frequency,
+                 gridWidth=None, biasDir=None, saveFrequency=None, periodic=False, cudaGraphs=False,
+                 forceGroup=None, stride=1, modes=None, wallForceConstant=0.0):
+        self._modes = _checkModes(cvModule, modes)
+        numModes = len(self._modes)
+        self._lows, self._highs = _checkRanges(ranges, numModes)
+        self._widths = _perMode(widths, numModes, "widths", float)
+        if any(not w > 0 for w in self._widths):
+            raise ValueError(f"every hill width must be positive, got {self._widths}")
+        self._sizes = self._gridSizes(gridWidth, numModes)
+        self.temperature = _inUnit(temperature, unit.kelvin)
+        self.biasFactor = float(biasFactor)
+        if not self.biasFactor > 1.0:
+            raise ValueError(f"biasFactor must be greater than 1 (well-tempered metadynamics), got {biasFactor}")
+        self.height = _inUnit(height, unit.kilojoule_per_mole)
+        self.frequency = _positiveInt(frequency, "frequency")
+        self.stride = _positiveInt(stride, "stride")
+        self._wallForceConstant = _inUnit(wallForceConstant, unit.kilojoule_per_mole)
+        self._biasDir, self._saveFrequency = self._checkSaving(biasDir, saveFrequency)
+        self._thermalEnergyDelta = (unit.MOLAR_GAS_CONSTANT_R * (self.biasFactor - 1.0) * self.temperature
+                                    * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+        _checkSystem(system, cvModule)
+        self._system, self._cvModule = system, cvModule
+        self._periodic, self._cudaGraphs = bool(periodic), bool(cudaGraphs)
+        self.forceGroup = _freeForceGroup(system) if forceGroup is None else _checkForceGroup(forceGroup)
+        self._reset(np.zeros((0, numModes)), np.zeros(0), np.zeros(0, dtype=np.int64), _emptyRecord())
+        self.force = self._createForce()
+        system.addForce(self.force)
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def step(self, simulation, steps):
+        """Advance ``simulation`` by ``steps`` steps, adding a hill every ``frequency`` steps.
+
+        Parameters
+        ----------
+        simulation : openmm.app.Simulation
+            Built on the System this object was added to.
+        steps : int
+
+        Raises
+        ------
+        RuntimeError
+            When the Context's bias does not hold the hills this object deposited, e.g. a Context created after
+            hills were added in another one (save the bias and load it before creating the new Context).
+        """
+        remaining = int(steps)
+        while remaining > 0:
+            chunk = min(remaining, self.frequency - simulation.currentStep % self.frequency)
+            simulation.step(chunk)
+            remaining -= chunk
+            if simulation.currentStep % self.frequency == 0:
+                self._depositHill(simulation.context, simulation.currentStep)
+            if self._saveFrequency and simulation.currentStep % self._saveFrequency == 0:
+                self.saveBias(os.path.join(self._biasDir, "bias.npz"))
+
+    def getCollectiveVariables(self, simulation):
+        """The biased modes at the current positions (one model evaluation).
+
+        Parameters
+        ----------
+        simulation : openmm.app.Simulation or openmm.Context
+
+        Returns
+        -------
+        numpy.ndarray, shape (K,)
+        """
+        return self._readouts(_contextOf(simulation))[0]
+
+    # -- the bias ----------------------------------------------------------------------------------------------
+
+    def getFreeEnergy(self):
+        """Free energy on the grid, −γ/(γ − 1) V, as ``app.Metadynamics`` estimates it.
+
+        Axis k runs over mode k (``app.Metadynamics`` orders its axes the other way round); the node coordinates
+        are :meth:`getGridPoints`.
+
+        Returns
+        -------
+        openmm.unit.Quantity
+            numpy array of shape ``gridWidth`` in kJ/mol.
+        """
+        bias = self._currentGrid().values[0].numpy().reshape(self._sizes)
+        return -self.biasFactor / (self.biasFactor - 1.0) * bias * unit.kilojoule_per_mole
+
+    def getGridPoints(self):
+        """Node coordinates of each mode: a list of K arrays (end points included)."""
+        return [np.linspace(lo, hi, n) for lo, hi, n in zip(self._lows, self._highs, self._sizes)]
+
+    def getBias(self, cvValues):
+        """The bias the force applies (grid plus wall) at CV points, from this object's copy of the grid.
+
+        Parameters
+        ----------
+        cvValues : array_like, shape (M, K) or (K,)
+
+        Returns
+        -------
+        numpy.ndarray, shape (M,) (or a float for one point), kJ/mol
+        """
+        points = np.asarray(cvValues, dtype=np.float64)
+        s = torch.as_tensor(points.reshape(-1, len(self._modes)))
+        grid = self._currentGrid()
+        with torch.no_grad():
+            bias = grid.evaluate(s)[1].numpy()
+        return float(bias[0]) if points.ndim == 1 else bias
+
+    def getHills(self):
+        """All hills so far: centres ``(n, K)`` in mode units and heights ``(n,)`` as a kJ/mol Quantity."""
+        return self._centres.copy(), self._heights.copy() * unit.kilojoule_per_mole
+
+    def getTimeSeries(self):
+        """What was recorded at every ``stride``-th hill, as arrays ready for ``numpy.savez``.
+
+        Returns
+        -------
+        dict
+            ``step`` (n,), ``time_ps`` (n,), ``cv`` (n, K), ``bias_kj_mol`` (n,) (the bias at the CV point just
+            before the hill) and ``height_kj_mol`` (n,).
+        """
+        series = {key: np.array(value) for key, value in self._record.items()}
+        series["cv"] = series["cv"].reshape(-1, len(self._modes))
+        return series
+
+    # -- saving and restarting -----------------------------------------------------------------------------------
+
+    def saveBias(self, path):
+        """Write the grid, the hills, the time series and the settings to ``path`` (numpy ``.npz``), atomically."""
+        grid = self._currentGrid()
+        contents = dict(self._settings(), formatVersion=BIAS_FORMAT_VERSION, values=grid.values.numpy(),
+                        hillCentres=self._centres, hillHeights=self._heights, hillSteps=self._hillSteps,
+                        torchVersion=torch.__version__, openmmVersion=openmm.__version__)
+        contents.update({f"record_{key}": value for key, value in self.getTimeSeries().items()})
+        folder = os.path.dirname(os.path.abspath(path))
+        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".npz")
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **contents)
+        os.replace(temporary, path)
+
+    def loadBias(self, path):
+        """Continue from a bias saved by :meth:`saveBias` with the same grid and well-tempered settings.
+
+        The force in the System is replaced by one whose grid starts from the loaded bias (it moves to the end of
+        the System's force list). Call this before creating the Simulation; for an existing Context call
+        ``context.reinitialize(preserveState=True)`` afterwards.
+
+        Raises
+        ------
+        ValueError
+            When the file is not a bias file of this version, or its grid or settings differ from this object's.
+        """
+        with np.load(path) as data:
+            contents = {key: data[key] for key in data.files}
+        self._checkLoaded(contents, path)
+        record = {key[len("record_"):]: list(contents[key]) for key in contents if key.startswith("record_")}
+        record["cv"] = [np.asarray(row) for row in record["cv"]]
+        self._reset(contents["hillCentres"], contents["hillHeights"], contents["hillSteps"], record,
+                    values=torch.as_tensor(contents["values"]))
+        self._replaceForce()
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _reset(self, centres, heights, steps, record, values=None):
+        """Set the driver's state: the grid copy (with nothing pending), the hill list and the time series."""
+        self._grid = self._newGrid(values, len(heights))
+        self._centreList = [np.asarray(c, dtype=np.float64) for c in centres]
+        self._heightList = [float(h) for h in heights]
+        self._stepList = [int(s) for s in steps]
+        self._folded = len(self._heightList)
+        self._record = record
+
+    @property
+    def _centres(self):
+        return np.array(self._centreList, dtype=np.float64).reshape(-1, len(self._modes))
+
+    @property
+    def _heights(self):
+        return np.array(self._heightList, dtype=np.float64)
+
+    @property
+    def _hillSteps(self):
+        return np.array(self._stepList, dtype=np.int64)
+
+    def _newGrid(self, values, hillCount, branchFree=False):
+        return HermiteBiasGrid(self._lows, self._highs, self._sizes, self._widths, values, hillCount,
+                               self._wallForceConstant, branchFree)
+
+    def _currentGrid(self):
+        """The driver's grid with every hill folded in (hills are folded lazily, in batches)."""
+        pending = slice(self._folded, len(self._heightList))
+        if pending.start < pending.stop:
+            _depositDense(self._grid, self._centres[pending], self._heights[pending])
+            self._folded = pending.stop
+            self._grid.hillCount.fill_(float(self._folded))
+        return self._grid
+
+    def _createForce(self):
+        grid = self._newGrid(self._currentGrid().values, len(self._heightList), branchFree=self._cudaGraphs)
+        moduleClass = _MetadynamicsModuleBox if self._periodic else _MetadynamicsModuleNoBox
+        module = moduleClass(self._cvModule, self._modes, grid)
+        parameters, readouts = _parameterOrder(len(self._modes), len(self._heightList), self._lows, self._highs)
+        force = createTorchForce(module, periodic=self._periodic, cudaGraphs=self._cudaGraphs,
+                                 globalParameters=parameters, energyParameterDerivatives=readouts,
+                                 forceGroup=self.forceGroup)
+        force.setName(FORCE_NAME)
+        return force
+
+    def _replaceForce(self):
+        for index in range(self._system.getNumForces()):
+            if self._system.getForce(index).this == self.force.this:
+                self._system.removeForce(index)
+                break
+        self.force = self._createForce()
+        self._system.addForce(self.force)
+
+    def _readouts(self, context):
+        """Modes, bias and hill count of ``context``'s module, from one evaluation of the bias force group."""
+        state = context.getState(getParameterDerivatives=True, groups={self.forceGroup})
+        derivatives = state.getEnergyParameterDerivatives()
+        modes = np.array([derivatives[_modeReadout(k)] for k in range(len(self._modes))])
+        return modes, derivatives[_BIAS_READOUT], int(round(derivatives[_COUNT_READOUT])), state
+
+    def _depositHill(self, context, step):
+        modes, bias, count, state = self._readouts(context)
+        if count != len(self._heightList):
+            raise RuntimeError(
+                f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "
+                f"{len(self._heightList)}: a Context only holds the hills of the force it was created from (to "
+                "move a bias to a new Context, saveBias() and loadBias() before creating it), and with "
+                "cudaGraphs=True the openmm-torch build may not pass changed global parameters to the graph")
+        height = self.height * math.exp(-bias / self._thermalEnergyDelta)
+        for k, value in enumerate(modes):
+            context.setParameter(_centreParameter(k), float(value))
+        context.setParameter(_HEIGHT, height)
+        context.setParameter(_HILL_ID, count + 1)
+        self._centreList.append(modes)
+        self._heightList.append(height)
+        self._stepList.append(int(step))
+        if len(self._heightList) % self.stride == 0:
+            self._recordHill(step, state.getTime().value_in_unit(unit.picosecond), modes, bias, height)
+
+    def _recordHill(self, step, time, modes, bias, height):
+        for key, value in (("step", step), ("time_ps", time), ("cv", modes), ("bias_kj_mol", bias),
+                           ("height_kj_mol", height)):
+            self._record[key].append(value)
+
+    def _gridSizes(self, gridWidth, numModes):
+        if gridWidth is None:
+            return [int(math.ceil(POINTS_PER_WIDTH * (hi - lo) / w)) + 1
+                    for lo, hi, w in zip(self._lows, self._highs, self._widths)]
+        sizes = _perMode(gridWidth, numModes, "gridWidth", int)
+        if any(n < 2 for n in sizes):
+            raise ValueError(f"gridWidth needs at least 2 nodes per mode, got {sizes}")
+        return sizes
+
+    def _checkSaving(self, biasDir, saveFrequency):
+        if (biasDir is None) != (saveFrequency is None):
+            raise ValueError("biasDir and saveFrequency must be given together")
+        if saveFrequency is None:
+            return None, None
+        saveFrequency = _positiveInt(saveFrequency, "saveFrequency")
+        if saveFrequency % self.frequency:
+            raise ValueError(f"saveFrequency ({saveFrequency}) must be a multiple of frequency ({self.frequency})")
+        os.makedirs(biasDir, exist_ok=True)
+        return biasDir, saveFrequency
+
+    def _settings(self):
+        return dict(modes=np.array(self._modes), lows=np.array(self._lows), highs=np.array(self._highs),
+                    widths=np.array(self._widths), sizes=np.array(self._sizes), temperature=self.temperature,
+                    biasFactor=self.biasFactor, height=self.height, wallForceConstant=self._wallForceConstant,
+                    hillCutoff=HILL_CUTOFF)
+
+    def _checkLoaded(self, contents, path):
+        version = int(contents.get("formatVersion", -1))
+        if version != BIAS_FORMAT_VERSION:
+            raise ValueError(f"{path} is not a bias file of format version {BIAS_FORMAT_VERSION} (found {version})")
+        for key, expected in self._settings().items():
+            if key == "height":
+                continue
+            if key not in contents:
+                raise ValueError(f"{path} has no {key!r}: it is not a complete LatentMetadynamics bias file")
+            if not np.array_equal(np.asarray(contents[key]), np.asarray(expected)):
+                raise ValueError(f"{path} was saved with {key}={contents[key]!r}, but this LatentMetadynamics has "
+                                 f"{key}={expected!r}; the grid and the well-tempered settings must match")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks and small helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _parameterOrder(numModes, hillCount, lows, highs):
+    """Global parameters of the force in the order ``forward`` takes them, and those whose derivatives are read.
+
+    The derivative read-outs come first and in the order they are registered: some openmm-torch kernels look up
+    the i-th energy parameter derivative in the i-th global parameter.
+    """
+    readouts = [_BIAS_READOUT, _COUNT_READOUT] + [_modeReadout(k) for k in range(numModes)]
+    parameters = dict.fromkeys(readouts, 0.0)
+    parameters.update({_HILL_ID: float(hillCount), _HEIGHT: 0.0})
+    parameters.update({_centreParameter(k): 0.5 * (lows[k] + highs[k]) for k in range(numModes)})
+    return parameters, readouts
+
+
+def _checkModes(cvModule, modes):
+    if not hasattr(cvModule, "num_modes") or not hasattr(cvModule, "num_atoms_required"):
+        raise ValueError("the CV module must have the attributes num_modes and num_atoms_required (see the "
+                         "CV-module contract in nct_openmm.export)")
+    numModes = int(cvModule.num_modes)
+    if modes is None:
+        modes = list(range(numModes))
+    modes = [int(m) for m in modes]
+    if not 1 <= len(modes) <= MAX_MODES:
+        raise ValueError(f"metadynamics biases 1 to {MAX_MODES} modes, got {len(modes)}"
+                         + ("; choose some with modes=" if len(modes) > MAX_MODES else ""))
+    if any(not 0 <= m < numModes for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct indices below the CV module's {numModes} modes, got {modes}")
+    return modes
+
+
+def _checkRanges(ranges, numModes):
+    ranges = [tuple(float(x) for x in pair) for pair in ranges]
+    if len(ranges) != numModes or any(len(pair) != 2 for pair in ranges):
+        raise ValueError(f"ranges needs one (lo, hi) pair for each of the {numModes} biased modes, got {ranges}")
+    if any(not lo < hi for lo, hi in ranges):
+        raise ValueError(f"every range needs lo < hi, got {ranges}")
+    return [lo for lo, _ in ranges], [hi for _, hi in ranges]
+
+
+def _perMode(value, numModes, name, kind):
+    values = [kind(v) for v in np.atleast_1d(value)]
+    if len(values) == 1 and np.ndim(value) == 0:
+        values = values * numModes
+    if len(values) != numModes:
+        raise ValueError(f"{name} needs one value for each of the {numModes} biased modes, got {len(values)}")
+    return values
+
+
+def _checkSystem(system, cvModule):
+    required, available = int(cvModule.num_atoms_required), system.getNumParticles()
+    if available < required:
+        raise ValueError(f"the CV module needs at least {required} particles, but the System has {available}")
+    if any(force.getName() == FORCE_NAME for force in system.getForces()):
+        raise ValueError("the System already holds a LatentMetadynamics force; use one per System (its global "
+                         "parameter names are fixed)")
+
+
+def _checkForceGroup(group):
+    if int(group) != group or not 0 <= int(group) < NUM_FORCE_GROUPS:
+        raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
+    return int(group)
+
+
+def _freeForceGroup(system):
+    used = {force.getForceGroup() for force in system.getForces()}
+    free = sorted(set(range(NUM_FORCE_GROUPS)) - used)
+    if not free:
+        raise ValueError(f"all {NUM_FORCE_GROUPS} force groups of the System are in use; pass forceGroup=")
+    return free[-1]
+
+
+def _emptyRecord():
+    return {"step": [], "time_ps": [], "cv": [], "bias_kj_mol": [], "height_kj_mol": []}
+
+
+def _inUnit(value, targetUnit):
+    return value.value_in_unit(targetUnit) if unit.is_quantity(value) else float(value)
+
+
+def _positiveInt(value, name):
+    if int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _contextOf(simulation):
+    return simulation.context if hasattr(simulation, "context") else simulation

@@ -1,0 +1,370 @@
+"""Tests of nct_openmm.metadynamics: forces, bias bookkeeping, well-tempering, restart, platforms, input checks.
+
+The CV module is the scriptable stand-in of tests/cv_standin.py on alanine dipeptide in vacuum (22 atoms).
+"""
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import app, unit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cv_standin import StandInModes  # noqa: E402
+from nct_openmm import metadynamics  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
+from nct_openmm.systems import builtinSystem  # noqa: E402
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CV_ATOMS = [1, 4, 6, 8, 14, 16]
+TEMPERATURE = 300.0
+BIAS_FACTOR = 6.0
+
+
+@pytest.fixture(scope="module")
+def ala2():
+    return builtinSystem("ala2-vacuum")
+
+
+def freshSystem(ala2):
+    return openmm.XmlSerializer.clone(ala2.system)
+
+
+def makeMeta(system, numModes=2, ranges=None, widths=0.4, height=3.0, frequency=5, **options):
+    cvModule = StandInModes(CV_ATOMS, num_modes=numModes)
+    ranges = ranges if ranges is not None else [(-3.0, 3.0)] * numModes
+    return LatentMetadynamics(system, cvModule, ranges, widths, TEMPERATURE * unit.kelvin, BIAS_FACTOR,
+                              height * unit.kilojoule_per_mole, frequency, **options)
+
+
+def makeSimulation(ala2, system, platform="Reference", integrator=None):
+    integrator = integrator or openmm.LangevinMiddleIntegrator(TEMPERATURE * unit.kelvin, 5 / unit.picosecond,
+                                                               0.002 * unit.picoseconds)
+    if isinstance(integrator, openmm.LangevinMiddleIntegrator):
+        integrator.setRandomNumberSeed(7)
+    properties = {"Threads": "1"} if platform == "CPU" else {}
+    simulation = app.Simulation(ala2.topology, system, integrator, openmm.Platform.getPlatformByName(platform),
+                                properties)
+    simulation.context.setPositions(ala2.positions)
+    return simulation
+
+
+def biasEnergy(context, meta, positions=None):
+    if positions is not None:
+        context.setPositions(positions)
+    state = context.getState(getEnergy=True, getForces=True, groups={meta.forceGroup})
+    return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+            state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
+
+def perturbedPositions(ala2, rng, scale=0.03):
+    positions = ala2.positions.value_in_unit(unit.nanometer)
+    return np.asarray(positions) + scale * rng.standard_normal((len(positions), 3))
+
+
+def exactBias(points, centres, heights, width):
+    squared = ((points[:, None, :] - centres[None, :, :]) / width) ** 2
+    return (heights[None, :] * np.exp(-0.5 * squared.sum(-1))).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def depositedRun(ala2):
+    """A Reference run with 16 hills on K = 2, shared by the tests that only read it."""
+    system = freshSystem(ala2)
+    meta = makeMeta(system)
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 80)
+    return meta, simulation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forces and the bias itself
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_forces_are_minus_gradient_of_the_bias(ala2, where):
+    system = freshSystem(ala2)
+    if where == "inside":
+        meta = makeMeta(system, height=5.0, frequency=4)
+    else:
+        # A narrow range leaves the modes outside it: flat continuation of the grid plus the wall.
+        meta = makeMeta(system, ranges=[(-0.3, 0.3), (-0.2, 0.4)], widths=0.3, height=5.0, frequency=4,
+                        wallForceConstant=20.0)
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 48)
+    context = simulation.context
+    positions = context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    _, forces = biasEnergy(context, meta, positions)
+    if where == "outside":
+        modes = meta.getCollectiveVariables(simulation)
+        assert np.any(modes < np.array([-0.3, -0.2])) or np.any(modes > np.array([0.3, 0.4]))
+    delta = 1e-5
+    for atom in CV_ATOMS:
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                displaced = positions.copy()
+                displaced[atom, axis] += sign * delta
+                energies.append(biasEnergy(context, meta, displaced)[0])
+            numerical = -(energies[0] - energies[1]) / (2 * delta)
+            assert numerical == pytest.approx(forces[atom, axis], rel=1e-5, abs=1e-5 * np.abs(forces).max() + 1e-7)
+    assert np.abs(forces).max() > 1.0
+
+
+def test_context_bias_matches_the_driver_copy(ala2, depositedRun):
+    meta, simulation = depositedRun
+    centres, heights = meta.getHills()
+    assert len(heights) == 16
+    rng = np.random.default_rng(1)
+    points, energies = [], []
+    for _ in range(8):
+        simulation.context.setPositions(perturbedPositions(ala2, rng))
+        points.append(meta.getCollectiveVariables(simulation))
+        energies.append(biasEnergy(simulation.context, meta)[0])
+    points = np.array(points)
+    np.testing.assert_allclose(meta.getBias(points), energies, rtol=1e-10, atol=1e-10)
+    exact = exactBias(points, centres, heights.value_in_unit(unit.kilojoule_per_mole), 0.4)
+    np.testing.assert_allclose(energies, exact, atol=1e-3 * 3.0)
+    assert meta.getBias(points[0]) == pytest.approx(energies[0], rel=1e-10)
+
+
+def test_well_tempered_heights_decay_as_the_bias_grows(ala2):
+    system = freshSystem(ala2)
+    meta = makeMeta(system, frequency=1, height=2.0)
+    # A vanishing time step keeps the modes in place, so every hill lands on the previous ones.
+    simulation = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(1e-9 * unit.picoseconds))
+    meta.step(simulation, 8)
+    series = meta.getTimeSeries()
+    heights = series["height_kj_mol"]
+    assert len(heights) == 8 and heights[0] == pytest.approx(2.0)
+    assert np.all(np.diff(heights) < 0)
+    thermal = unit.MOLAR_GAS_CONSTANT_R * (BIAS_FACTOR - 1) * TEMPERATURE * unit.kelvin
+    expected = 2.0 * np.exp(-series["bias_kj_mol"] / thermal.value_in_unit(unit.kilojoule_per_mole))
+    np.testing.assert_allclose(heights, expected, rtol=1e-12)
+    np.testing.assert_allclose(series["bias_kj_mol"][1:], np.cumsum(heights)[:-1], rtol=1e-3)
+
+
+def test_a_short_run_deposits_the_expected_hills_and_a_free_energy(ala2):
+    system = freshSystem(ala2)
+    meta = makeMeta(system, frequency=10, gridWidth=[41, 31], stride=2)
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 45)
+    meta.step(simulation, 55)
+    centres, heights = meta.getHills()
+    assert centres.shape == (10, 2)
+    assert len(meta.getTimeSeries()["step"]) == 5
+    np.testing.assert_array_equal(meta.getTimeSeries()["step"], [20, 40, 60, 80, 100])
+    fes = meta.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert fes.shape == (41, 31) and np.all(np.isfinite(fes))
+    nodes = np.stack(np.meshgrid(*meta.getGridPoints(), indexing="ij"), -1).reshape(-1, 2)
+    exact = exactBias(nodes, centres, heights.value_in_unit(unit.kilojoule_per_mole), 0.4).reshape(41, 31)
+    np.testing.assert_allclose(fes, -BIAS_FACTOR / (BIAS_FACTOR - 1) * exact, atol=1e-4)
+    lowest = nodes[np.argmin(fes)]
+    assert np.min(np.linalg.norm(centres - lowest, axis=1)) < 0.4
+
+
+class XCoordinate(torch.nn.Module):
+    """The x coordinate of particle 0 (nm) as a one-mode CV module."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_modes = 1
+        self.num_atoms_required = 1
+
+    def forward(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return positions[0, 0:1]
+
+
+def test_free_energy_of_a_double_well_is_recovered():
+    barrier, minimum = 10.0, 0.3
+    system = openmm.System()
+    system.addParticle(1.0)
+    potential = openmm.CustomExternalForce(f"{barrier}*((x/{minimum})^2-1)^2 + 500*(y^2+z^2)")
+    potential.addParticle(0, [])
+    system.addForce(potential)
+    meta = LatentMetadynamics(system, XCoordinate(), [(-0.6, 0.6)], 0.04, TEMPERATURE, BIAS_FACTOR, 1.0, 10)
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 10.0, 0.002)
+    integrator.setRandomNumberSeed(1)
+    simulation = app.Simulation(app.Topology(), system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions([[-minimum, 0.0, 0.0]])
+    meta.step(simulation, 8000)
+    x = meta.getGridPoints()[0]
+    fes = meta.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)
+    wells = np.abs(x) < 0.4
+    error = (fes - barrier * ((x / minimum) ** 2 - 1) ** 2)[wells]
+    assert np.sqrt(np.mean((error - error.mean()) ** 2)) < 2.0
+    assert fes[np.argmin(np.abs(x))] - fes[wells].min() == pytest.approx(barrier, abs=2.5)
+
+
+def test_branch_free_mode_gives_the_same_bias(ala2):
+    energies, hills = [], []
+    for cudaGraphs in (False, True):
+        system = freshSystem(ala2)
+        meta = makeMeta(system, cudaGraphs=cudaGraphs)
+        simulation = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
+        meta.step(simulation, 30)
+        energies.append(biasEnergy(simulation.context, meta)[0])
+        hills.append(meta.getHills()[0])
+    np.testing.assert_allclose(hills[0], hills[1], rtol=1e-12)
+    assert energies[0] == pytest.approx(energies[1], rel=1e-10)
+
+
+def test_bias_group_works_with_multiple_time_stepping(ala2):
+    system = freshSystem(ala2)
+    others = {force.getForceGroup() for force in system.getForces()}
+    meta = makeMeta(system, frequency=5)
+    assert meta.forceGroup not in others
+    groups = [(meta.forceGroup, 1)] + [(group, 2) for group in sorted(others)]
+    integrator = openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, 5 / unit.picosecond,
+                                              0.004 * unit.picoseconds, groups)
+    simulation = makeSimulation(ala2, system, integrator=integrator)
+    meta.step(simulation, 20)
+    assert len(meta.getHills()[1]) == 4
+
+
+def test_box_vectors_reach_the_module_of_a_periodic_system(ala2):
+    energies = []
+    for periodic in (False, True):
+        system = freshSystem(ala2)
+        system.setDefaultPeriodicBoxVectors(*(3.0 * np.eye(3)) * unit.nanometer)
+        meta = makeMeta(system, periodic=periodic)
+        assert meta.force.usesPeriodicBoundaryConditions() == periodic
+        simulation = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
+        meta.step(simulation, 20)
+        energies.append(biasEnergy(simulation.context, meta)[0])
+    assert energies[1] == pytest.approx(energies[0], rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restart and platforms
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_save_and_load_restart_with_an_identical_bias(ala2, tmp_path):
+    system = freshSystem(ala2)
+    meta = makeMeta(system, biasDir=str(tmp_path / "bias"), saveFrequency=20)
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 60)
+    assert os.path.exists(tmp_path / "bias" / "bias.npz")
+    path = str(tmp_path / "restart.npz")
+    meta.saveBias(path)
+
+    restartedSystem = freshSystem(ala2)
+    restarted = makeMeta(restartedSystem)
+    restarted.loadBias(path)
+    assert restartedSystem.getNumForces() == system.getNumForces()
+    restartedSimulation = makeSimulation(ala2, restartedSystem)
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        positions = perturbedPositions(ala2, rng)
+        before, forcesBefore = biasEnergy(simulation.context, meta, positions)
+        after, forcesAfter = biasEnergy(restartedSimulation.context, restarted, positions)
+        assert after == pytest.approx(before, rel=1e-12, abs=1e-12)
+        np.testing.assert_allclose(forcesAfter, forcesBefore, rtol=1e-10, atol=1e-10)
+    points = np.random.default_rng(3).uniform(-3, 3, (20, 2))
+    np.testing.assert_array_equal(restarted.getBias(points), meta.getBias(points))
+    np.testing.assert_array_equal(restarted.getHills()[0], meta.getHills()[0])
+    for key, value in meta.getTimeSeries().items():
+        np.testing.assert_array_equal(restarted.getTimeSeries()[key], value)
+    restarted.step(restartedSimulation, 5)
+    assert len(restarted.getHills()[1]) == 13
+
+
+def test_a_context_without_the_hills_is_refused(ala2, depositedRun):
+    meta, simulation = depositedRun
+    stale = app.Simulation(ala2.topology, simulation.system, openmm.VerletIntegrator(0.001),
+                           openmm.Platform.getPlatformByName("Reference"))
+    stale.context.setPositions(ala2.positions)
+    with pytest.raises(RuntimeError, match="holds 0 hills"):
+        meta.step(stale, 5)
+
+
+def test_loading_a_bias_with_other_settings_is_refused(ala2, depositedRun, tmp_path):
+    meta, _ = depositedRun
+    path = str(tmp_path / "bias.npz")
+    meta.saveBias(path)
+    other = LatentMetadynamics(freshSystem(ala2), StandInModes(CV_ATOMS, num_modes=2), [(-3.0, 3.0)] * 2, 0.4,
+                               TEMPERATURE, BIAS_FACTOR + 1, 3.0, 5)
+    with pytest.raises(ValueError, match="biasFactor"):
+        other.loadBias(path)
+
+
+def test_reference_and_cpu_energies_agree(ala2, depositedRun, tmp_path):
+    meta, simulation = depositedRun
+    path = str(tmp_path / "bias.npz")
+    meta.saveBias(path)
+    cpuSystem = freshSystem(ala2)
+    onCpu = makeMeta(cpuSystem)
+    onCpu.loadBias(path)
+    cpuSimulation = makeSimulation(ala2, cpuSystem, platform="CPU")
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        positions = perturbedPositions(ala2, rng)
+        reference, referenceForces = biasEnergy(simulation.context, meta, positions)
+        cpu, cpuForces = biasEnergy(cpuSimulation.context, onCpu, positions)
+        assert cpu == pytest.approx(reference, rel=1e-4, abs=1e-4)
+        np.testing.assert_allclose(cpuForces, referenceForces, atol=1e-3 * np.abs(referenceForces).max() + 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks, documentation, benchmark
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("numModes, arguments, message", [
+    (2, dict(ranges=[(-3.0, 3.0)]), "ranges needs one"),
+    (2, dict(widths=[0.3, 0.3, 0.3]), "widths needs one"),
+    (2, dict(widths=[0.3, 0.0]), "width must be positive"),
+    (2, dict(widths=-0.1), "width must be positive"),
+    (4, dict(), "1 to 3 modes"),
+    (2, dict(ranges=[(1.0, -1.0), (-3.0, 3.0)]), "lo < hi"),
+    (2, dict(biasFactor=1.0), "biasFactor"),
+    (2, dict(gridWidth=[1, 30]), "at least 2 nodes"),
+    (2, dict(biasDir="/tmp/unused", saveFrequency=7), "multiple of frequency"),
+    (2, dict(biasDir="/tmp/unused"), "together"),
+    (2, dict(modes=[0, 2]), "distinct indices"),
+])
+def test_bad_input_is_refused_clearly(ala2, numModes, arguments, message):
+    settings = dict(ranges=[(-3.0, 3.0)] * min(numModes, 3), widths=0.3, temperature=TEMPERATURE,
+                    biasFactor=BIAS_FACTOR, height=1.0, frequency=5)
+    settings.update(arguments)
+    with pytest.raises(ValueError, match=message):
+        LatentMetadynamics(freshSystem(ala2), StandInModes(CV_ATOMS, num_modes=numModes), **settings)
+
+
+def test_a_subset_of_modes_can_be_biased(ala2):
+    system = freshSystem(ala2)
+    meta = LatentMetadynamics(system, StandInModes(CV_ATOMS, num_modes=4), [(-3.0, 3.0)], 0.3, TEMPERATURE,
+                              BIAS_FACTOR, 1.0, 5, modes=[2])
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 10)
+    assert meta.getHills()[0].shape == (2, 1)
+
+
+def test_one_metadynamics_force_per_system(ala2):
+    system = freshSystem(ala2)
+    makeMeta(system)
+    with pytest.raises(ValueError, match="one per System"):
+        makeMeta(system)
+
+
+def test_docstring_examples_run():
+    failures, _ = doctest.testmod(metadynamics, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
+
+
+def test_quick_hill_cost_benchmark_runs(tmp_path):
+    output = tmp_path / "hill_cost.json"
+    script = os.path.join(REPOSITORY, "benchmarks", "hill_cost.py")
+    completed = subprocess.run([sys.executable, script, "--quick", "--json", str(output)], capture_output=True,
+                               text=True, timeout=120, cwd=REPOSITORY)
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(output.read_text())["cases"]
+    assert [row["modes"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["latent_ms"]) and row["app_metadynamics_ms"] > 0 for row in rows)
