@@ -5,8 +5,11 @@ backend (upstream openmm-torch is moving from ``TorchForce`` to ``PythonTorchFor
 """
 import contextlib
 import io
+import warnings
 
 import torch
+
+from .export import script
 
 with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
     # The acellera build imports the deprecated ``simtk.openmm`` and warns about it on every import.
@@ -45,9 +48,9 @@ def createTorchForce(module, periodic=False, cudaGraphs=False, globalParameters=
     ...         return (positions ** 2).sum()
     >>> force = createTorchForce(torch.jit.script(Harmonic()))  # doctest: +SKIP
     """
-    if not isinstance(module, torch.jit.ScriptModule):
-        module = torch.jit.script(module)
-    force = openmmtorch.TorchForce(module)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        force = openmmtorch.TorchForce(script(module))
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     if cudaGraphs:
         force.setProperty("useCUDAGraphs", "true")

@@ -9,6 +9,7 @@ hill width fits all modes.
 """
 import copy
 import os
+import warnings
 from typing import List, Optional
 
 import torch
@@ -95,6 +96,16 @@ def _copy_coupling(coupling: AffineCoupling, dtype) -> AffineCoupling:
     return copy.deepcopy(coupling).to(dtype)
 
 
+def script(module):
+    """``torch.jit.script`` without torch's deprecation warning: openmm-torch's TorchForce takes TorchScript only,
+    so the warning's advice (torch.compile / torch.export) does not apply here."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        return torch.jit.script(module)
+
+
 def slow_mode_module(model, modes: int = 2, dtype: torch.dtype = torch.float32) -> torch.jit.ScriptModule:
     """The scripted CV of the ``modes`` slowest modes of a :class:`~nct_openmm.slowmodes.SlowModeModel`.
 
@@ -104,7 +115,7 @@ def slow_mode_module(model, modes: int = 2, dtype: torch.dtype = torch.float32) 
     >>> cv = slow_mode_module(SlowModeModel.load("models/alanine_dipeptide.pt"), modes=2)  # doctest: +SKIP
     >>> cv(positions_nm)  # (2,) tensor                                                  # doctest: +SKIP
     """
-    return torch.jit.script(SlowModeModule(model, modes, dtype))
+    return script(SlowModeModule(model, modes, dtype))
 
 
 def export_slow_modes(model, path, modes: int = 2, dtype: torch.dtype = torch.float32) -> str:
@@ -112,5 +123,7 @@ def export_slow_modes(model, path, modes: int = 2, dtype: torch.dtype = torch.fl
     module = slow_mode_module(model, modes, dtype)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    module.save(os.fspath(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        module.save(os.fspath(path))
     return os.fspath(path)

@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from molecular_fixtures import ala2_data, ala2_model, ala2_run  # noqa: E402,F401  (shared session fixtures)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a longer physics check (deselect with -m 'not slow')")

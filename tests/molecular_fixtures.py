@@ -1,4 +1,4 @@
-"""Session-scoped data for tests/test_molecular.py: made once, shared by every test that imports the fixtures.
+"""Session-scoped data shared by the test modules (registered in conftest.py): made once per test session.
 
 - ``ala2_run``: 0.1 ns of alanine dipeptide in vacuum on the Reference platform (1000 frames, 0.1 ps apart).
 - ``ala2_data``: that trajectory loaded with the default selection (the 10 heavy atoms).

@@ -20,8 +20,7 @@ import torch
 from openmm import unit
 from scipy.spatial.transform import Rotation
 
-from molecular_fixtures import (ALA2_HEAVY_ATOMS, TEMPERATURE, ala2_data, ala2_model, ala2_run,  # noqa: F401
-                                tiny_estimator, torch_threads)
+from molecular_fixtures import ALA2_HEAVY_ATOMS, TEMPERATURE, tiny_estimator, torch_threads
 from nct_openmm.cli import main
 from nct_openmm.core import NCTModel, FlowConfig
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError

@@ -1,0 +1,83 @@
+"""Enhanced-sampling runs on a trained model: 'nct metad', model/system checks, and the alanine-dipeptide example
+on a small setting."""
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+
+from nct_openmm.cli import main
+from nct_openmm.enhanced import (SlowModeMetadynamicsSettings, TemperatureMismatchWarning, checkModelForSystem,
+                                 runSlowModeMetadynamics)
+from nct_openmm.systems import builtinSystem, harmonicChainSystem
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def test_model_refuses_another_system(ala2_model):
+    with pytest.raises(ValueError, match="reads atom indices up to 18"):
+        checkModelForSystem(ala2_model.model, harmonicChainSystem(4), 300.0)
+
+
+def test_model_refuses_other_masses(ala2_model):
+    chain = harmonicChainSystem(20)
+    with pytest.raises(ValueError, match="masses"):
+        checkModelForSystem(ala2_model.model, chain, 300.0)
+
+
+def test_temperature_mismatch_warns(ala2_model):
+    with pytest.warns(TemperatureMismatchWarning, match="300.0 K"):
+        checkModelForSystem(ala2_model.model, builtinSystem("ala2-vacuum"), 350.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkModelForSystem(ala2_model.model, builtinSystem("ala2-vacuum"), 300.0)
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_metadynamics_run_deposits_hills_and_writes_outputs(ala2_model, tmp_path, naive):
+    settings = SlowModeMetadynamicsSettings(modes=2, frequency=20, height=2.0, naive=naive)
+    summary = runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path), 0.004,
+                                      settings=settings, platform="Reference", progress=False)
+    assert summary["frames"] == 40 and summary["ns_per_day"] > 0
+    for name in ["traj.dcd", "top.pdb", "weights.txt", "summary.json"] + ([] if naive else
+                                                                           ["cv.txt", "bias.npz", "fes_modes.npz"]):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    with open(tmp_path / "summary.json") as handle:
+        written = json.load(handle)
+    for key in ("ns", "ns_per_day", "phi_transitions", "delta_f", "delta_f_error"):
+        assert key in written
+    if not naive:
+        import numpy as np
+
+        cv = np.loadtxt(tmp_path / "cv.txt")
+        assert cv.shape == (100, 6)  # a hill every 20 of 2000 steps: step, time, 2 modes, bias, height
+        assert np.all(np.diff(cv[:, 0]) == 20)
+
+
+def test_metad_cli_errors(ala2_model, tmp_path, capsys):
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--modes", "4",
+                 "--out", str(tmp_path)]) == 2
+    assert "--modes" in capsys.readouterr().err
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--platform",
+                 "Nonexistent", "--out", str(tmp_path)]) == 2
+    assert "Nonexistent" in capsys.readouterr().err
+
+
+def test_metad_cli_runs(ala2_model, tmp_path, capsys):
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.002", "--frequency",
+                 "50", "--platform", "Reference", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "phi transitions" in capsys.readouterr().out
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_alanine_dipeptide_example_small_setting(ala2_model, tmp_path):
+    spec = importlib.util.spec_from_file_location("ala2_metad_example",
+                                                  os.path.join(EXAMPLES, "alanine_dipeptide_metad.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    document = example.main(["--model", ala2_model.path, "--ns", "0.004", "--out", str(tmp_path), "--no-progress"])
+    assert set(document["results"]) == {"nct", "phi_psi", "unbiased"}
+    for result in document["results"].values():
+        assert result["frames"] == 40
+    assert (tmp_path / "comparison.json").exists()
