@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 import warnings
 
 import mdtraj
@@ -18,13 +17,14 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 import torch
-from tqdm import tqdm
 
-from nct_openmm.analysis import basin_free_energy, count_transitions, free_energy_surface
+from nct_openmm.analysis import (basin_free_energy, count_transitions, free_energy_surface,
+                                 plot_free_energy_surface)
 from nct_openmm.data import BOLTZMANN
 from nct_openmm.export import slow_mode_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
 from nct_openmm.metadynamics import LatentMetadynamics
+from nct_openmm.simulate import stepWithProgress
 from nct_openmm.systems import getPlatform, platformProperties
 
 
@@ -142,8 +142,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
     _writeTopology(simulation, os.path.join(outDir, "top.pdb"))
     stepsPerFrame = max(1, int(round(reportInterval / 0.002)))
     simulation.reporters.append(app.DCDReporter(os.path.join(outDir, "traj.dcd"), stepsPerFrame))
-    seconds = _stepInChunks(lambda n: bias.step(simulation, n), int(round(ns * 500000)), stepsPerFrame * 50,
-                            progress, "metadynamics")
+    seconds = stepWithProgress(lambda n: bias.step(simulation, n), int(round(ns * 500000)), stepsPerFrame * 50,
+                               progress, "metadynamics")
     biasAt = _biasFunction(bias, cv, settings, temperature)
     weights = _reweightingFactors(biasAt, cv, os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"),
                                   temperature, periodic)
@@ -152,6 +152,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         bias.saveBias(os.path.join(outDir, "bias.npz"))
         _writeModeOutputs(bias, outDir)
     summary = summarizeRun(os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"), temperature, weights)
+    writeDihedralFreeEnergy(os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"), temperature, weights,
+                            outDir)
     summary.update(protocol="nct-metad" + ("-naive" if settings.naive else ""), ns=ns,
                    ns_per_day=ns * 86400.0 / seconds, settings=dataclasses.asdict(settings), seed=seed,
                    platform=simulation.context.getPlatform().getName(), model_temperature=model.temperature)
@@ -168,18 +170,6 @@ def _trainingRanges(model, modes):
 
 def _biasRanges(model, settings):
     return [(lo - settings.margin, hi + settings.margin) for lo, hi in _trainingRanges(model, settings.modes)]
-
-
-def _stepInChunks(step, nSteps, chunk, progress, name):
-    start = time.perf_counter()
-    with tqdm(total=nSteps, desc=name, unit="step", disable=not progress) as bar:
-        done = 0
-        while done < nSteps:
-            n = min(chunk, nSteps - done)
-            step(n)
-            done += n
-            bar.update(n)
-    return time.perf_counter() - start
 
 
 def _biasFunction(bias, cv, settings, temperature):
@@ -216,6 +206,18 @@ def modeValues(cv, traj, periodic=False):
     return torch.stack(rows).double().numpy()
 
 
+def writeDihedralFreeEnergy(trajectory, topology, temperature, weights, outDir, bins=36):
+    """F(Φ, Ψ) by reweighting (``fes_phipsi.npz`` and ``.png``, degrees, kJ/mol); nothing for non-peptides."""
+    traj = mdtraj.load(trajectory, top=topology)
+    phi, psi = mdtraj.compute_phi(traj)[1], mdtraj.compute_psi(traj)[1]
+    if phi.shape[1] == 0 or psi.shape[1] == 0:
+        return None
+    angles = np.degrees(np.stack([phi[:, 0], psi[:, 0]], axis=1))
+    free, edges = free_energy_surface(angles, BOLTZMANN * temperature, weights, bins, [(-180, 180), (-180, 180)])
+    np.savez(os.path.join(outDir, "fes_phipsi.npz"), free_energy=free, phi_edges=edges[0], psi_edges=edges[1])
+    return plot_free_energy_surface(free, edges, os.path.join(outDir, "fes_phipsi.png"), ("Φ (deg)", "Ψ (deg)"))
+
+
 def _writeModeOutputs(bias, outDir):
     series = bias.getTimeSeries()
     header = "step time_ps " + " ".join(f"s{k}" for k in range(series["cv"].shape[1])) + " bias_kj_mol height_kj_mol"
@@ -223,8 +225,12 @@ def _writeModeOutputs(bias, outDir):
                              series["height_kj_mol"]]) if len(series["step"]) else np.zeros((0, 4))
     np.savetxt(os.path.join(outDir, "cv.txt"), table, header=header, fmt="%.6g")
     fes = bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)
+    grids = bias.getGridPoints()
     np.savez(os.path.join(outDir, "fes_modes.npz"), free_energy=fes - fes.min(),
-             **{f"mode{k}": g for k, g in enumerate(bias.getGridPoints())})
+             **{f"mode{k}": g for k, g in enumerate(grids)})
+    if len(grids) == 2:
+        edges = [np.concatenate([g - 0.5 * (g[1] - g[0]), [g[-1] + 0.5 * (g[1] - g[0])]]) for g in grids]
+        plot_free_energy_surface(fes - fes.min(), edges, os.path.join(outDir, "fes_modes.png"), ("mode 0", "mode 1"))
 
 
 def summarizeRun(trajectory, topology, temperature, weights=None):

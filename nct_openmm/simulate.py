@@ -165,7 +165,7 @@ def runLangevin(
     simulation.reporters.append(app.DCDReporter(trajectoryPath, stepsPerFrame))
 
     step = simulation.step if bias is None else (lambda steps: bias.step(simulation, steps))
-    seconds = _stepWithProgress(step, nSteps, stepsPerFrame, progress, molecularSystem.name)
+    seconds = stepWithProgress(step, nSteps, stepsPerFrame, progress, molecularSystem.name)
     weightsPath = None
     if bias is not None:
         weightsPath = os.path.join(outDir, "weights.txt")
@@ -245,7 +245,7 @@ def _writeStartingStructure(simulation, path):
         app.PDBFile.writeFile(simulation.topology, positions, handle)
 
 
-def _stepWithProgress(step, nSteps, chunk, progress, name):
+def stepWithProgress(step, nSteps, chunk, progress, name):
     """Call ``step(n)`` in chunks of ``chunk`` steps, updating the bar after each; return the wall time."""
     start = time.perf_counter()
     with tqdm(total=nSteps, desc=f"sampling {name}", unit="step", disable=not progress) as bar:

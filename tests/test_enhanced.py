@@ -40,8 +40,8 @@ def test_metadynamics_run_deposits_hills_and_writes_outputs(ala2_model, tmp_path
     summary = runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path), 0.004,
                                       settings=settings, platform="Reference", progress=False)
     assert summary["frames"] == 40 and summary["ns_per_day"] > 0
-    for name in ["traj.dcd", "top.pdb", "weights.txt", "summary.json"] + ([] if naive else
-                                                                           ["cv.txt", "bias.npz", "fes_modes.npz"]):
+    for name in ["traj.dcd", "top.pdb", "weights.txt", "summary.json", "fes_phipsi.npz"] + ([] if naive else
+                                                                           ["cv.txt", "bias.npz", "fes_modes.png"]):
         assert os.path.getsize(tmp_path / name) > 0, name
     with open(tmp_path / "summary.json") as handle:
         written = json.load(handle)

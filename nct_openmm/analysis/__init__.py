@@ -11,7 +11,8 @@
 from .dihedrals import backbone_dihedrals, basin_free_energy, count_transitions, free_energy_surface
 from .information import mutual_information, mutual_information_matrix
 from .pca import HarmonicPCA, harmonic_pca
-from .plots import largest_gap, plot_mutual_information, plot_ramachandran, plot_spectrum
+from .plots import (largest_gap, plot_free_energy_surface, plot_mutual_information, plot_ramachandran,
+                    plot_spectrum)
 
 __all__ = [
     "mutual_information",
@@ -26,6 +27,7 @@ __all__ = [
     "plot_spectrum",
     "plot_mutual_information",
     "plot_ramachandran",
+    "plot_free_energy_surface",
 ]
 
 _MODEL_ANALYSIS = (

@@ -239,3 +239,15 @@ def plot_ramachandran(phi_psi_sets, path):
     # Small point markers would make the legend unreadable; enlarge the legend's copies only.
     ax.legend(markerscale=3, loc="upper right")
     return _save(fig, path)
+
+
+def plot_free_energy_surface(free_energy, edges, path, labels=("x", "y"), title="free energy (kJ/mol)"):
+    """Filled contours of a 2-d free energy (kJ/mol, ``inf`` where unsampled) on its histogram bin edges."""
+    fig, (ax,) = _new_axes()
+    centres = [0.5 * (e[1:] + e[:-1]) for e in edges]
+    finite = np.where(np.isfinite(free_energy), free_energy, np.nan)
+    contours = ax.contourf(centres[0], centres[1], finite.T, levels=20, cmap="viridis")
+    fig.colorbar(contours, ax=ax, label=title)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    return _save(fig, path)
