@@ -52,6 +52,11 @@ def main(argv=None):
             json.dump({"platform": options.platform, "hills_per_case": hills, "cases": rows}, file, indent=2)
 
 
+def _ratio(value):
+    # A hill cheaper than the timer's noise leaves no measurable difference to divide by.
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _parseArguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small grids and a few hills (smoke test)")
@@ -70,7 +75,7 @@ def measureCase(numModes, gridWidth, hills, platform):
     ours, oursEvaluation = _timeDesign(_latentDeposition, numModes, gridWidth, hills, platform)
     openmms, openmmEvaluation = _timeDesign(_openmmDeposition, numModes, gridWidth, hills, platform)
     return {"modes": numModes, "grid": f"{gridWidth}^{numModes}", "nodes": gridWidth ** numModes,
-            "latent_ms": ours, "app_metadynamics_ms": openmms, "speedup": openmms / ours,
+            "latent_ms": ours, "app_metadynamics_ms": openmms, "speedup": openmms / ours if ours > 0 else None,
             "latent_evaluation_ms": oursEvaluation, "app_metadynamics_evaluation_ms": openmmEvaluation}
 
 
@@ -148,7 +153,7 @@ def printTable(rows):
     for row in rows:
         ours = f"{row['latent_ms']:.3f} ({row['latent_evaluation_ms']:.3f})"
         theirs = f"{row['app_metadynamics_ms']:.3f} ({row['app_metadynamics_evaluation_ms']:.3f})"
-        print(f"{row['modes']:>2} {row['grid']:>7} {row['nodes']:>8} {ours:>22} {theirs:>22} {row['speedup']:>7.1f}")
+        print(f"{row['modes']:>2} {row['grid']:>7} {row['nodes']:>8} {ours:>22} {theirs:>22} {_ratio(row['speedup']):>7}")
 
 
 if __name__ == "__main__":
