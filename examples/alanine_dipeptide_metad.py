@@ -14,7 +14,7 @@ of the (Φ, Ψ) transition rate and ΔF within 1 kJ/mol of the reference.
 
 Usage::
 
-    python examples/alanine_dipeptide_metad.py [--ns 0.4] [--out runs/ala2-metad] [--platform Reference]
+    python examples/alanine_dipeptide_metad.py [--ns 0.25] [--out runs/ala2-metad] [--platform Reference]
 """
 import argparse
 import json
@@ -89,7 +89,7 @@ def report(results, reference, reference_error):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model file (default: the shipped one)")
-    parser.add_argument("--ns", type=float, default=0.4, help="length of each run in ns (default: 0.4)")
+    parser.add_argument("--ns", type=float, default=0.25, help="length of each run in ns (default: 0.25)")
     parser.add_argument("--modes", type=int, default=2, help="slow modes to bias (default: 2)")
     parser.add_argument("--out", default="runs/ala2-metad", help="output folder (default: runs/ala2-metad)")
     parser.add_argument("--platform", default="Reference",

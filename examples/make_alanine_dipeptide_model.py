@@ -13,7 +13,9 @@ Usage::
 
     python examples/make_alanine_dipeptide_model.py [--work DIR] [--train-ns 8] [--heldout-ns 3] [--out models]
 
-The run records its commands and wall times in ``OUT/alanine_dipeptide.provenance.json``.
+The run records its commands, wall times and the reference ΔF(Φ>0 − Φ<0) of the biased runs in
+``OUT/alanine_dipeptide.provenance.json``. On an idle 2-core CPU: sampling about 5 min (Reference platform, about
+3000 ns/day), training 5–10 min (early stop on the validation plateau after about 5000 steps).
 """
 import argparse
 import json
@@ -82,8 +84,8 @@ def main(argv=None):
     commands.append(command)
     seconds["train"] = run(command)
     analysis = os.path.join(args.out, "alanine_dipeptide.analysis.json")
-    command = ["analyze", model, "--traj", f"{heldout}/traj.dcd", "--top", f"{heldout}/top.pdb", "--json", analysis,
-               "--plot", os.path.join(args.work, "plots")]
+    command = ["analyze", model, "--traj", f"{heldout}/traj.dcd", "--top", f"{heldout}/top.pdb", "--weights",
+               f"{heldout}/weights.txt", "--json", analysis, "--plot", os.path.join(args.work, "plots")]
     commands.append(command)
     seconds["analyze"] = run(command)
     reference, error = reference_free_energy([train, heldout])

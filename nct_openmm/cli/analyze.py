@@ -41,6 +41,9 @@ def add_parser(subparsers):
     parser.add_argument("--plot", metavar="DIR", help="write spectrum.png, mutual_information.png, "
                                                       "ramachandran.png and interpolation.dcd/.pdb to DIR")
     parser.add_argument("--stride", type=int, default=1, help="read every STRIDE-th frame (default: 1)")
+    parser.add_argument("--weights", nargs="+",
+                        help="per-frame weight files, one per trajectory (e.g. from 'nct sample --metadynamics'): "
+                             "the PCA baseline is then fitted to the reweighted distribution, like the model")
     parser.add_argument("--modes", type=int, default=6, help="slowest modes tabulated and analysed (default: 6)")
     parser.set_defaults(func=run)
 
@@ -50,7 +53,7 @@ def run(args):
     if args.stride < 1 or args.modes < 1:
         raise CommandError("--stride and --modes must be positive")
     model = SlowModeModel.load(args.model)
-    data = load_model_data(model, args.traj, args.top, args.stride)
+    data = load_model_data(model, args.traj, args.top, args.stride, args.weights)
     if data.n_frames < 10:
         raise CommandError(f"only {data.n_frames} frames to analyse; the estimates need at least 10")
     report = {"model": os.fspath(args.model), "trajectories": [os.fspath(p) for p in args.traj],
@@ -86,7 +89,7 @@ def run(args):
     return 0
 
 
-def load_model_data(model, paths, topology, stride=1):
+def load_model_data(model, paths, topology, stride=1, weights=None):
     """Frames of the model's own atom selection, with checks that the topology is the model's system.
 
     Raises
@@ -100,7 +103,8 @@ def load_model_data(model, paths, topology, stride=1):
         raise CommandError(f"the topology {topology} has {top.n_atoms} atoms but the model reads atom indices up to "
                            f"{max(indices)}: it belongs to another system")
     # mdtraj selections come back sorted; the model's order is what its frame reads, so permute if they differ.
-    data = load_trajectories(paths, topology, selection="index " + " ".join(map(str, indices)), stride=stride)
+    data = load_trajectories(paths, topology, selection="index " + " ".join(map(str, indices)), stride=stride,
+                             weights=weights)
     if data.atom_indices != indices:
         permutation = [data.atom_indices.index(i) for i in indices]
         data = dataclasses.replace(data, positions=data.positions[:, permutation], atom_indices=list(indices),
