@@ -48,6 +48,7 @@ class SlowModeMetadynamicsSettings:
     margin: float = 1.5
     wallForceConstant: float = 50.0
     naive: bool = False  # openmm.app.Metadynamics with one TorchForce per mode, for comparisons
+    torchThreads: int = 1  # libtorch intra-op threads for the CV model (0: leave torch's setting alone)
 
 
 def checkModelForSystem(model, molecularSystem, temperature):
@@ -121,6 +122,10 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         The summary also written to ``summary.json``.
     """
     settings = settings or SlowModeMetadynamicsSettings()
+    if settings.torchThreads:
+        # A CV network this small gains nothing from intra-op threads, and on a busy CPU their spin-waiting made
+        # every step ten times slower.
+        torch.set_num_threads(settings.torchThreads)
     temperature = float(model.temperature if temperature is None else temperature)
     checkModelForSystem(model, molecularSystem, temperature)
     cv = slow_mode_module(model, settings.modes)
