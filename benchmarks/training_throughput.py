@@ -1,0 +1,604 @@
+"""Training throughput: phase-space maximum likelihood with nct_openmm.core against the reference algorithm.
+
+Data: alanine dipeptide in vacuum at 300 K (Amber ff96, no constraints, 1 fs Langevin steps), 12 atoms (the 10 heavy
+atoms and the two amide hydrogens) in the internal frame: 3·12 − 6 = 30 coordinates. Batch 200, Adam at 1e-3, the
+reference architecture: 8 RealNVP couplings with 2 hidden layers of 128 (SiLU), scales bounded by 2·tanh.
+
+- ``reference``: the published algorithm, reimplemented here (:class:`ReferenceFlow`): full-width conditioners whose
+  input is the state multiplied by a 0/1 mask and whose output covers every coordinate, masked again (so the
+  first layer's columns for masked inputs and the last layer's rows for unchanged outputs are dead weights); the
+  momenta ``P = p ∂q/∂Q`` from autograd of a second, inverse pass of the whole flow, so the loss is differentiated
+  twice; denormals not flushed.
+- ``ours``: :mod:`nct_openmm.core`: conditioners read the conditioning half and write the transformed half, the
+  momenta are carried through each layer by one vector–Jacobian product, denormals are flushed
+  (``torch.set_flush_denormal``, as ``Trainer.fit`` does).
+- ``ours+linear``: the same with the learnable linear point layer after the couplings (the package default).
+- ``reference+half-width``: the reference's momenta (second pass, double backward) with our half-width
+  conditioners, to separate the two levers.
+
+Both models start as the same function: the reference's full-width weights are ours, padded with zeros, and the
+script checks that the two give the same loss and gradients. Dead weights then get exactly zero gradient, so both
+follow the same optimisation path and reach a given loss in the same number of steps: what differs is the time.
+
+Sections (all timings interleaved in rounds inside one process; ratios are medians of per-round ratios):
+
+1. samples/s of a training step (loss, backward, Adam);
+2. time to a validation NLL: both trained on the same batches and momenta, evaluated on held-out frames;
+3. time to a variational free energy on the harmonic chain of ``examples/harmonic_chain.py`` (30 sites, the same
+   architecture plus the linear point layer, the reference decoding momenta as ``p = P ∂Q/∂q`` by a second pass);
+4. float32 denormals: the reference's dead weights set to 1e-39 (what long training with decoupled weight decay
+   does to weights that never get a gradient), a step timed with and without flushing.
+
+Usage::
+
+    python benchmarks/training_throughput.py             # under 5 min on a 2-core CPU
+    python benchmarks/training_throughput.py --quick --json out.json
+"""
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import openmm
+import torch
+from openmm import unit
+from torch import nn
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPOSITORY)
+
+from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, model_from_data,  # noqa: E402
+                             negative_log_likelihood, variational_loss)
+from nct_openmm.data import thermal_energy  # noqa: E402
+from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
+from nct_openmm.slowmodes import average_structure  # noqa: E402
+from nct_openmm.systems import getPlatform  # noqa: E402
+
+ATOMS = [1, 4, 5, 6, 7, 8, 10, 14, 15, 16, 17, 18]  # heavy atoms and the two amide H: 30 internal coordinates
+TEMPERATURE = 300.0
+BATCH = 200
+LEARNING_RATE = 1e-3
+ARCHITECTURE = dict(n_couplings=8, hidden=128, depth=2, scale_bound=2.0, mask="random")
+DENORMAL = 1e-39  # below float32's smallest normal number, 1.18e-38
+CHAIN_SITES, CHAIN_OMEGA_SPREAD, CHAIN_EVAL = 30, 10.0, 2048
+
+
+def main(argv=None):
+    options = _parseArguments(argv)
+    if options.quick:
+        options.frames, options.rounds, options.steps = 600, 2, 3
+        options.loss_steps, options.eval_every, options.chain_steps = 20, 10, 20
+    with _torchState(options.threads):
+        qTrain, qVal = makeData(options.frames, options.seed)
+        config = FlowConfig(dim=qTrain.shape[1], seed=options.seed, linear_point=False, **ARCHITECTURE)
+        equivalence = checkEquivalence(config, qTrain)
+        throughput = measureThroughput(config, qTrain, options)
+        timeToLoss = measureTimeToLoss(config, qTrain, qVal, options)
+        chain = measureChain(options)
+        denormals = measureDenormals(config, qTrain, options)
+        matmul = probeDenormalMatmul()
+    result = {"settings": {"dim": int(qTrain.shape[1]), "train_frames": int(len(qTrain)),
+                           "validation_frames": int(len(qVal)), "batch": BATCH, "learning_rate": LEARNING_RATE,
+                           "torch_threads": options.threads, "rounds": options.rounds,
+                           "steps_per_round": options.steps, **ARCHITECTURE},
+              "equivalence": equivalence, "throughput": throughput, "time_to_loss": timeToLoss,
+              "harmonic_chain": chain,
+              "denormals": denormals, "denormal_matmul_probe": matmul}
+    printReport(result)
+    if options.json:
+        with open(options.json, "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+def _parseArguments(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few frames, rounds and steps: a smoke test")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--frames", type=int, default=3000, help="MD frames, a sixth held out (default 3000)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for samples/s (default 5)")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per variant and round (default 15)")
+    parser.add_argument("--loss-steps", type=int, default=600,
+                        help="training steps of each model in the time-to-loss run (default 600)")
+    parser.add_argument("--eval-every", type=int, default=50,
+                        help="steps between evaluations in the time-to-loss runs (default 50)")
+    parser.add_argument("--chain-steps", type=int, default=400,
+                        help="variational steps of each model on the harmonic chain (default 400)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _torchState(threads):
+    """Set the torch thread count; restore it and the denormal flag (which the sections toggle) afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+        torch.set_flush_denormal(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def makeData(frames, seed):
+    """Internal coordinates ``(train, validation)`` (float32) of unconstrained alanine dipeptide MD, 20 fs apart."""
+    import logging
+    logging.getLogger("pymbar").setLevel(logging.ERROR)
+    import openmmtools.testsystems as testsystems
+
+    ala2 = testsystems.AlanineDipeptideVacuum(constraints=None)
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE * unit.kelvin, 1.0 / unit.picosecond,
+                                                 0.001 * unit.picoseconds)
+    integrator.setRandomNumberSeed(seed + 1)
+    context = openmm.Context(ala2.system, integrator, getPlatform("Reference"))
+    context.setPositions(ala2.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 10.0, 200)
+    context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, seed + 1)
+    integrator.step(2000)
+    positions = []
+    for _ in range(frames):
+        integrator.step(20)
+        state = context.getState(getPositions=True)
+        positions.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)[ATOMS])
+    positions = np.array(positions)
+    masses = np.array([ala2.system.getParticleMass(i).value_in_unit(unit.amu) for i in ATOMS])
+    local = {atom: k for k, atom in enumerate(ATOMS)}
+    bonds = [(local[a.index], local[b.index]) for a, b in ala2.topology.bonds()
+             if a.index in local and b.index in local]
+    frame = InternalFrame(ATOMS, torch.as_tensor(masses), torch.as_tensor(average_structure(positions, masses)),
+                          thermal_energy(TEMPERATURE), spanning_tree(len(ATOMS), bonds))
+    with torch.no_grad():
+        u = frame.internal(torch.as_tensor(positions)).float()
+    split = len(u) - len(u) // 6
+    return u[:split], u[split:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference algorithm
+# ---------------------------------------------------------------------------------------------------------------
+
+class MaskedCoupling(nn.Module):
+    """RealNVP coupling with a full-width conditioner: it reads ``x ⊙ keep`` and writes scale and shift for every
+    coordinate, of which those of kept coordinates are multiplied by zero."""
+
+    def __init__(self, keep: torch.Tensor, hidden: int, depth: int, scale_bound: float):
+        super().__init__()
+        dim = keep.numel()
+        self.dim, self.scale_bound = dim, scale_bound
+        self.register_buffer("keep", keep.float())
+        self.register_buffer("change", 1.0 - keep.float())
+        sizes = [dim] + [hidden] * depth
+        modules = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            modules += [nn.Linear(a, b), nn.SiLU()]
+        modules.append(nn.Linear(hidden, 2 * dim))
+        self.net = nn.Sequential(*modules)
+
+    def scale_shift(self, x):
+        out = self.net(x * self.keep)
+        s = self.scale_bound * torch.tanh(out[:, :self.dim]) * self.change
+        return s, out[:, self.dim:] * self.change
+
+    def forward(self, q):
+        s, t = self.scale_shift(q)
+        return q * torch.exp(s) + t
+
+    def inverse(self, Q):
+        s, t = self.scale_shift(Q)
+        return (Q - t) * torch.exp(-s)
+
+
+class ReferenceFlow(nn.Module):
+    """A positions-only flow whose momenta come from autograd of a second pass in the other direction:
+    ``P = p ∂q/∂Q`` (encoding, through the inverse map), ``p = P ∂Q/∂q`` (decoding, through the forward map)."""
+
+    def __init__(self, layers, prior):
+        super().__init__()
+        self.layers, self.prior = nn.ModuleList(layers), prior
+
+    def forward(self, q):
+        for layer in self.layers:
+            q = layer(q)
+        return q
+
+    def inverse(self, Q):
+        for layer in reversed(self.layers):
+            Q = layer.inverse(Q)
+        return Q
+
+    def nll(self, q, p, create_graph=True):
+        """Mean ``−ln ρ(q, p)``."""
+        Q = self.forward(q)
+        qAgain = self.inverse(Q)
+        P, = torch.autograd.grad(qAgain, Q, p, create_graph=create_graph)
+        return -self.prior.log_prob(Q, P).mean()
+
+    def variational(self, hamiltonian, n, generator, create_graph=True):
+        """Monte-Carlo ``E[ln ρ + H]`` over ``n`` prior draws (reparameterised)."""
+        Q, P = self.prior.sample(n, generator)
+        logRho = self.prior.log_prob(Q, P)
+        q = self.inverse(Q)
+        QAgain = self.forward(q)
+        p, = torch.autograd.grad(QAgain, q, P, create_graph=create_graph)
+        return (logRho + hamiltonian(q, p)).mean()
+
+    def set_dead_weights(self, value):
+        """Set the weights that never get a gradient: the first layers' columns of masked-out inputs and the last
+        layers' rows of the outputs that are multiplied by zero."""
+        with torch.no_grad():
+            for coupling in self.layers:
+                if not isinstance(coupling, MaskedCoupling):
+                    continue
+                first, last = coupling.net[0], coupling.net[-1]
+                masked = coupling.keep == 0
+                first.weight[:, masked] = value
+                last.weight[torch.cat([masked, masked]) == 0] = value
+
+
+def referenceFrom(model, fullWidth=True):
+    """The reference-algorithm flow that computes the same function as ``model`` (an NCTModel that is a point
+    transformation): the same affine and linear point layers and prior; with ``fullWidth``, full-width conditioners
+    holding ``model``'s weights padded with zeros, otherwise copies of ``model``'s half-width couplings."""
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, AffineCoupling) and fullWidth:
+            layers.append(_maskedCopy(layer, model))
+        else:
+            layers.append(copy.deepcopy(layer))
+    return ReferenceFlow(layers, copy.deepcopy(model.prior))
+
+
+def _maskedCopy(layer, model):
+    keep = torch.zeros(model.dim)
+    keep[layer.conditioning] = 1.0
+    coupling = MaskedCoupling(keep, model.config.hidden, model.config.depth, layer.scale_bound)
+    ours, theirs = list(layer.net), list(coupling.net)
+    with torch.no_grad():
+        for module in theirs:
+            if isinstance(module, nn.Linear):
+                module.weight.zero_()
+                module.bias.zero_()
+        theirs[0].weight[:, layer.conditioning] = ours[0].weight
+        theirs[0].bias.copy_(ours[0].bias)
+        for a, b in zip(ours[1:-1], theirs[1:-1]):
+            if isinstance(a, nn.Linear):
+                b.weight.copy_(a.weight)
+                b.bias.copy_(a.bias)
+        rows = torch.cat([layer.transformed, model.dim + layer.transformed])
+        theirs[-1].weight[rows] = ours[-1].weight
+        theirs[-1].bias[rows] = ours[-1].bias
+    return coupling
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training steps
+# ---------------------------------------------------------------------------------------------------------------
+
+class Learner:
+    """One model with its optimiser, sample stream and denormal setting; ``steps(n)`` trains n steps.
+
+    ``loss(generator)`` returns the training loss of one batch drawn with ``generator``; learners built with the
+    same seed draw the same batches.
+    """
+
+    def __init__(self, name, model, loss, seed, flushDenormals):
+        self.name, self.model, self.loss = name, model, loss
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.flushDenormals = flushDenormals
+        self.count = 0
+        self.seconds = 0.0
+
+    def steps(self, n):
+        torch.set_flush_denormal(self.flushDenormals)
+        start = time.perf_counter()
+        for _ in range(n):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.generator)
+            loss.backward()
+            self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        self.count += n
+        self.seconds += elapsed
+        return elapsed
+
+
+def _likelihoodLoss(nll, q):
+    """Mean NLL of a batch of ``q`` with fresh Maxwell–Boltzmann momenta (unit masses, β = 1)."""
+    def loss(generator):
+        qb = q[torch.randint(len(q), (BATCH,), generator=generator)]
+        return nll(qb, torch.randn(qb.shape, generator=generator))
+    return loss
+
+
+def _oursNll(model):
+    return lambda q, p: negative_log_likelihood(model, q, p, create_graph=True)
+
+
+def makeLearners(config, q, seed, allVariants=False):
+    """reference and ours, starting as the same function; with ``allVariants`` also reference+half-width and
+    ours+linear."""
+    ours = model_from_data(config, q)
+    reference = referenceFrom(ours).train()
+    learners = [Learner("reference", reference, _likelihoodLoss(reference.nll, q), seed, flushDenormals=False),
+                Learner("ours", ours.train(), _likelihoodLoss(_oursNll(ours), q), seed, flushDenormals=True)]
+    if allVariants:
+        halfWidth = referenceFrom(ours, fullWidth=False).train()
+        learners.append(Learner("reference+half-width", halfWidth, _likelihoodLoss(halfWidth.nll, q), seed,
+                                flushDenormals=False))
+        linearConfig = FlowConfig(**{**config.__dict__, "linear_point": True})
+        linear = model_from_data(linearConfig, q).train()
+        learners.append(Learner("ours+linear", linear, _likelihoodLoss(_oursNll(linear), q), seed,
+                                flushDenormals=True))
+    return learners
+
+
+def checkEquivalence(config, q):
+    """Loss and gradient differences between ours and the reference on one batch, with random (non-zero) coupling
+    outputs so that every layer acts."""
+    ours = model_from_data(config, q)
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for layer in ours.layers:
+            if isinstance(layer, AffineCoupling):
+                layer.net[-1].weight.copy_(0.1 * torch.randn(layer.net[-1].weight.shape, generator=generator))
+    reference = referenceFrom(ours)
+    qb = q[:BATCH].double()
+    pb = torch.randn(qb.shape, generator=generator, dtype=torch.float64)
+    ours, reference = ours.double(), reference.double()
+    lossOurs = negative_log_likelihood(ours, qb, pb, create_graph=True)
+    lossOurs.backward()
+    lossReference = reference.nll(qb, pb)
+    lossReference.backward()
+    gradOurs = ours.prior.log_omega.grad
+    gradReference = reference.prior.log_omega.grad
+    lossOurs, lossReference = lossOurs.item(), lossReference.item()
+    return {"nll_ours": lossOurs, "nll_reference": lossReference, "nll_difference": abs(lossOurs - lossReference),
+            "log_omega_grad_max_difference": float((gradOurs - gradReference).abs().max()),
+            "log_omega_grad_max": float(gradOurs.abs().max())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+def _interleaved(learners, rounds, steps):
+    """Seconds per step of every learner in every round (rotating order), after one warm-up step each."""
+    for learner in learners:
+        learner.steps(1)
+    perStep = {learner.name: [] for learner in learners}
+    for round_ in range(rounds):
+        shift = round_ % len(learners)
+        for learner in learners[shift:] + learners[:shift]:
+            perStep[learner.name].append(learner.steps(steps) / steps)
+    return perStep
+
+
+def measureThroughput(config, q, options):
+    """Rows ``{variant, samples_per_s, ratio_to_reference, ratio_min, ratio_max}``."""
+    learners = makeLearners(config, q, options.seed, allVariants=True)
+    perStep = _interleaved(learners, options.rounds, options.steps)
+    base = perStep["reference"]
+    rows = []
+    for learner in learners:
+        ratios = [b / s for b, s in zip(base, perStep[learner.name])]
+        rows.append({"variant": learner.name, "samples_per_s": BATCH / statistics.median(perStep[learner.name]),
+                     "ms_per_step": 1e3 * statistics.median(perStep[learner.name]),
+                     "ratio_to_reference": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios)})
+    return rows
+
+
+def _validationNll(learner, qVal, momenta):
+    learner.model.eval()
+    with torch.enable_grad():
+        if isinstance(learner.model, ReferenceFlow):
+            value = learner.model.nll(qVal, momenta, create_graph=False).item()
+        else:
+            value = negative_log_likelihood(learner.model, qVal, momenta).item()
+    learner.model.train()
+    return value
+
+
+def measureTimeToLoss(config, qTrain, qVal, options):
+    """Both trained from the same function on the same batches; the validation NLL (fixed momenta) every
+    ``eval_every`` steps, alternating chunks. Evaluation time is not counted. See :func:`_timeToTarget`."""
+    learners = makeLearners(config, qTrain, options.seed)
+    momenta = torch.randn(qVal.shape, generator=torch.Generator().manual_seed(options.seed + 7))
+    return _timeToTarget(learners, lambda learner: _validationNll(learner, qVal, momenta), options.loss_steps,
+                         options.eval_every, "validation_nll")
+
+
+def _timeToTarget(learners, evaluate, steps, every, key):
+    """Train the learners in alternating chunks of ``every`` steps, ``evaluate(learner)`` after each, and find when
+    each first reached the target: a value both reached (the worse of the two best, plus 2 % of the improvement
+    on the start). The target is None when neither improved on the start."""
+    curves = {learner.name: [(0, 0.0, evaluate(learner))] for learner in learners}
+    for chunk in range(max(1, steps // every)):
+        order = learners if chunk % 2 == 0 else learners[::-1]
+        for learner in order:
+            learner.steps(every)
+            curves[learner.name].append((learner.count, learner.seconds, evaluate(learner)))
+    start = curves["ours"][0][2]
+    target = max(min(value for _, _, value in curve[1:]) for curve in curves.values())
+    target += 0.02 * abs(start - target)
+    if target >= start:
+        target = None
+    reached = {}
+    for name, curve in curves.items():
+        hits = [(step, seconds) for step, seconds, value in curve[1:] if target is not None and value <= target]
+        hit = hits[0] if hits else (None, None)
+        reached[name] = {"steps": hit[0], "seconds": hit[1], f"final_{key}": curve[-1][2],
+                         "curve": [{"step": s, "seconds": t, key: v} for s, t, v in curve]}
+    ratio = None
+    if reached["ours"]["seconds"] and reached["reference"]["seconds"]:
+        ratio = reached["reference"]["seconds"] / reached["ours"]["seconds"]
+    return {f"initial_{key}": start, f"target_{key}": target, "speedup": ratio, **reached}
+
+
+def _loadHarmonicChain():
+    """``(examples/harmonic_chain.py as a module, None)``, or ``(None, why not)``."""
+    path = os.path.join(REPOSITORY, "examples", "harmonic_chain.py")
+    try:
+        spec = importlib.util.spec_from_file_location("harmonic_chain_example", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.hamiltonian, module.exact_free_energy  # noqa: B018 (the two functions this benchmark uses)
+        return module, None
+    except (OSError, ImportError, AttributeError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def measureChain(options):
+    """Variational time to a free energy on the harmonic chain of ``examples/harmonic_chain.py``: ``CHAIN_SITES``
+    sites, the reference architecture with the linear point layer, data-free log-spaced initial ω; both models
+    start as the same function and see the same prior draws. Evaluated on fixed draws (``CHAIN_EVAL``)."""
+    chain, problem = _loadHarmonicChain()
+    if chain is None:
+        return {"available": False, "reason": problem}
+    hamiltonian = chain.hamiltonian
+    config = FlowConfig(dim=CHAIN_SITES, seed=options.seed, **{**ARCHITECTURE, "linear_point": True})
+    half = 0.5 * math.log(CHAIN_OMEGA_SPREAD)
+    ours = NCTModel(config, frequencies=torch.exp(torch.linspace(-half, half, CHAIN_SITES)))
+    reference = referenceFrom(ours)
+    learners = [Learner("reference", reference.train(), lambda g: reference.variational(hamiltonian, BATCH, g),
+                        options.seed, flushDenormals=False),
+                Learner("ours", ours.train(), lambda g: variational_loss(ours, hamiltonian, BATCH, 1.0, g),
+                        options.seed, flushDenormals=True)]
+
+    def evaluate(learner):
+        generator = torch.Generator().manual_seed(options.seed + 11)
+        learner.model.eval()
+        if isinstance(learner.model, ReferenceFlow):
+            value = learner.model.variational(hamiltonian, CHAIN_EVAL, generator, create_graph=False)
+        else:
+            value = variational_loss(learner.model, hamiltonian, CHAIN_EVAL, 1.0, generator, create_graph=False)
+        learner.model.train()
+        return value.item()
+
+    result = _timeToTarget(learners, evaluate, options.chain_steps, options.eval_every, "free_energy")
+    return {"available": True, "sites": CHAIN_SITES, "exact_free_energy": float(chain.exact_free_energy(CHAIN_SITES)),
+            **result}
+
+
+def measureDenormals(config, q, options):
+    """ms per reference step: clean, dead weights at 1e-39 without flushing, the same with flushing; ours with
+    and without flushing as a control."""
+    learners = makeLearners(config, q, options.seed)
+    reference, ours = learners
+    configurations = [("reference, clean", reference, False, None),
+                      ("reference, dead weights 1e-39", reference, False, DENORMAL),
+                      ("reference, dead weights 1e-39, flushed", reference, True, DENORMAL),
+                      ("ours, not flushed", ours, False, None),
+                      ("ours, flushed", ours, True, None)]
+    perStep = {label: [] for label, _, _, _ in configurations}
+    for learner in learners:
+        learner.steps(1)
+    for round_ in range(options.rounds):
+        shift = round_ % len(configurations)
+        for label, learner, flush, dead in configurations[shift:] + configurations[:shift]:
+            if learner is reference:
+                # Adam leaves weights without gradient where they are, but a flushed step may zero them: reset.
+                reference.model.set_dead_weights(0.0 if dead is None else dead)
+            learner.flushDenormals = flush
+            perStep[label].append(learner.steps(options.steps) / options.steps)
+    clean = perStep["reference, clean"]
+    rows = []
+    for label, _, flush, _ in configurations:
+        ratios = [c / s for c, s in zip(clean, perStep[label])]
+        rows.append({"configuration": label, "flush_denormals": flush,
+                     "ms_per_step": 1e3 * statistics.median(perStep[label]),
+                     "speed_vs_clean_reference": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios)})
+    return rows
+
+
+def probeDenormalMatmul(repeats=400, rounds=5):
+    """Microseconds of a (200, 128) @ (128, 128) float32 product with normal, denormal (1e-39) and zero weights,
+    denormals not flushed and flushed: whether this CPU pays for denormal arithmetic at all."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 128, generator=generator)
+    weights = {"normal": 0.1 * torch.randn(128, 128, generator=generator),
+               "denormal": torch.full((128, 128), DENORMAL), "zero": torch.zeros(128, 128)}
+    cases = [(name, flush) for flush in (False, True) for name in weights]
+    times = {case: [] for case in cases}
+    for _ in range(rounds):
+        for name, flush in cases:
+            torch.set_flush_denormal(flush)
+            w = weights[name]
+            x @ w
+            start = time.perf_counter()
+            for _ in range(repeats):
+                x @ w
+            times[(name, flush)].append((time.perf_counter() - start) / repeats * 1e6)
+    torch.set_flush_denormal(False)
+    return [{"weights": name, "flush_denormals": flush, "us_per_matmul": statistics.median(times[(name, flush)])}
+            for name, flush in cases]
+
+
+def printReport(result):
+    settings = result["settings"]
+    equivalence = result["equivalence"]
+    print(f"phase-space maximum likelihood, {settings['dim']} coordinates, batch {settings['batch']}, "
+          f"{settings['n_couplings']} couplings x {settings['depth']} hidden layers of {settings['hidden']}, "
+          f"{settings['torch_threads']} torch thread(s)")
+    print(f"same function: NLL ours {equivalence['nll_ours']:.6f}, reference {equivalence['nll_reference']:.6f} "
+          f"(float64; gradient of log omega differs by {equivalence['log_omega_grad_max_difference']:.1e})")
+    print()
+    print(f"samples/s (median of {settings['rounds']} interleaved rounds of {settings['steps_per_round']} steps; "
+          "ratio: median of per-round ratios [min-max])")
+    print(f"{'variant':>20} {'samples/s':>10} {'ms/step':>9} {'x reference':>12} {'spread':>14}")
+    for row in result["throughput"]:
+        spread = f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
+        print(f"{row['variant']:>20} {row['samples_per_s']:>10.0f} {row['ms_per_step']:>9.1f} "
+              f"{row['ratio_to_reference']:>12.2f} {spread:>14}")
+    print()
+    _printTimeToTarget(result["time_to_loss"], "validation_nll", "validation NLL (ala2 data)", "--loss-steps")
+    chain = result["harmonic_chain"]
+    print()
+    if chain["available"]:
+        _printTimeToTarget(chain, "free_energy", f"variational free energy, harmonic chain of {chain['sites']} "
+                                                 f"(exact {chain['exact_free_energy']:.3f})", "--chain-steps")
+    else:
+        print(f"harmonic chain: examples/harmonic_chain.py not usable ({chain['reason']})")
+    print()
+    print("float32 denormals (ms per training step; speed relative to the clean reference)")
+    for row in result["denormals"]:
+        print(f"{row['configuration']:>40} {row['ms_per_step']:>8.1f} {row['speed_vs_clean_reference']:>7.2f} "
+              f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]")
+    probe = ", ".join(f"{row['weights']}{' flushed' if row['flush_denormals'] else ''} {row['us_per_matmul']:.0f}"
+                      for row in result["denormal_matmul_probe"])
+    print(f"probe, us per (200x128)@(128x128) float32 matmul: {probe}")
+
+
+def _printTimeToTarget(section, key, what, option):
+    if section[f"target_{key}"] is None:
+        print(f"time to {what}: no improvement on the start ({section[f'initial_{key}']:.3f}) within the budget; "
+              f"raise {option}")
+    else:
+        print(f"time to {what} {section[f'target_{key}']:.3f} (start {section[f'initial_{key}']:.3f}; the worse "
+              "of the two best values, plus 2 % of the improvement)")
+    print(f"{'variant':>14} {'steps':>7} {'train s':>8} {'final':>10}")
+    for name in ("reference", "ours"):
+        row = section[name]
+        steps = "-" if row["steps"] is None else str(row["steps"])
+        seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
+        print(f"{name:>14} {steps:>7} {seconds:>8} {row[f'final_{key}']:>10.3f}")
+    if section["speedup"]:
+        print(f"{'speed-up':>14} {section['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
