@@ -303,13 +303,15 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
 
 # --- variational (Eq. 5) ----------------------------------------------------------------------------------------
 def variational_loss(model: NCTModel, hamiltonian: Callable, n: int, beta: float = 1.0,
-                     generator: Optional[torch.Generator] = None, create_graph: bool = True) -> Tensor:
+                     generator: Optional[torch.Generator] = None, create_graph: bool = True,
+                     whiten: bool = False) -> Tensor:
     """Monte-Carlo estimate of ``E_{x∼ρ}[ln ρ(x) + βH(x)]`` with the reparameterisation trick.
 
     ``x = T⁻¹(z)`` for ``z`` from the prior; since the Jacobian is one, ``ln ρ(x) = ln N(z)``. The value is an
-    upper bound of ``−ln Z`` (the variational free energy in units of kT).
+    upper bound of ``−ln Z`` (the variational free energy in units of kT). ``whiten`` draws a whitened batch
+    (:func:`~nct_openmm.core.prior.whiten_batch`): a low-variance training estimate with an ``O(1/n)`` bias.
     """
-    Q, P = model.prior.sample(n, generator)
+    Q, P = model.prior.sample(n, generator, whiten=whiten)
     log_rho = model.prior.log_prob(Q, P)
     q, p = model.decode(Q, P, create_graph=create_graph)
     return (log_rho + beta * hamiltonian(q, p)).mean()
@@ -318,10 +320,15 @@ def variational_loss(model: NCTModel, hamiltonian: Callable, n: int, beta: float
 def fit_variational(model: NCTModel, hamiltonian: Callable, *, beta: float = 1.0, batch_size: int = 512,
                     max_steps: int = 3000, eval_every: int = 100, eval_batch: int = 8192, lr: float = 3e-3,
                     patience: int = 8, seed: int = 0, checkpoint: Optional[str] = None, checkpoint_every: int = 0,
-                    resume: bool = True, progress: bool = True, **trainer_options) -> TrainingHistory:
+                    resume: bool = True, progress: bool = True, whiten: bool = False,
+                    **trainer_options) -> TrainingHistory:
     """Variational training against ``hamiltonian(q, p) -> (batch,)`` (torch-differentiable), paper Eq. 5.
 
-    The monitored loss is the variational free energy on a fixed large batch (``eval_batch``).
+    The monitored loss is the variational free energy on a fixed large batch (``eval_batch``) of plain, independent
+    draws, so it stays an unbiased estimate of an upper bound of ``−ln Z``. ``whiten`` trains on whitened batches
+    (:func:`~nct_openmm.core.prior.whiten_batch`, needs ``batch_size > dim``): near the harmonic limit the gradient
+    then carries almost no sampling noise, which is what limits the plain estimator's convergence of slow modes
+    (32-site harmonic chain, 4 couplings, 1500 steps: the slowest five ω within 1 % whitened, within 4 % plain).
 
     Examples
     --------
@@ -332,7 +339,7 @@ def fit_variational(model: NCTModel, hamiltonian: Callable, *, beta: float = 1.0
     [2.0, 2.0]
     """
     def loss_fn(generator, step):
-        return variational_loss(model, hamiltonian, batch_size, beta, generator)
+        return variational_loss(model, hamiltonian, batch_size, beta, generator, whiten=whiten)
 
     def evaluate_fn():
         generator = torch.Generator().manual_seed(seed + 1)
