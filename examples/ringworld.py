@@ -1,26 +1,34 @@
 """Ring world: NCT finds the angle of a ring-shaped potential as the slowest mode, by variational training (β = 1).
 
-``H = (p₁² + p₂²)/2 + (|q| − 2)²/0.32`` (a toy problem of the paper): the positions live on a ring of radius 2 and width 0.4.
-The slow coordinate is the polar angle, the fast one the radius. A point transformation onto a Gaussian latent
-has to cut the ring open and unroll it; the slowest latent ``Q`` should then be a monotone function of the angle
-(up to the cut) and the other one of the radius.
+``H = (p₁² + p₂²)/2 + (|q| − 2)²/0.32``, one of the paper's toy problems: the positions live on a ring of radius 2
+and width 0.4. The slow coordinate is the polar angle, the fast one the radius. A point transformation onto a
+Gaussian latent has to cut the ring open and unroll it; the slowest latent ``Q`` is then a monotone function of the
+angle (up to the cut) and the other one of the radius.
+
+Two data-free choices decide whether training finds that solution. Distinct initial ω
+(:func:`~nct_openmm.core.prior.spread_frequencies`, ratio 10) start the latent Gaussian elongated, and it bends
+into the ring; with equal ω the flow instead punches a hole into an isotropic Gaussian (a local minimum ~0.55 kT
+above ``−ln Z``, |Spearman| with the angle ≈ 0.75). And ω learn at the flow's pace (``--omega-lr-factor 1``), so
+that they do not relax the elongated start back to an isotropic one first.
 
 Usage::
 
-    python examples/ringworld.py [--steps 3000] [--seed 0] [--json out.json] [--plot out.png]
+    python examples/ringworld.py [--steps 2000] [--seed 0] [--json out.json] [--plot out.png]
 
 Results (``--json``): ``final_loss`` (variational free energy on fresh independent draws) with its standard error,
 ``exact_free_energy`` (``−ln Z`` by quadrature), ``frequencies`` (ascending), ``spearman_angle`` /
 ``spearman_radius`` (absolute Spearman correlations of the slowest ``Q`` with the polar angle, at the branch cut
 that maximises it, and of the other ``Q`` with the radius, on samples drawn from the model; the ``*_exact_samples``
-entries repeat them on exact samples of the Boltzmann distribution mapped through the flow) and wall times.
+entries repeat them on exact Boltzmann samples mapped through the flow), the split of the loss gap into momentum and
+configurational parts, the training history and wall times.
 
-Why the loss cannot reach the exact value: a canonical point transformation gives momenta the conditional law
-``p | q ~ N(0, GᵀG)`` with ``G = ∂Q/∂q``, whereas the true one is ``N(0, I)``, so the loss pays
-``½ E[tr GᵀG − 2 − ln det GᵀG]`` for every non-isometric Jacobian. Unrolling a uniform angle onto a Gaussian
-coordinate cannot be isometric: the Gaussian tails of the slow ``Q`` must be squeezed into the cut. A
-one-dimensional optimisation of that trade-off alone (monotone maps of a uniform angle onto a Gaussian, ring radius
-drawn from the true radial law) bottoms out near 0.35 kT above ``−ln Z``.
+Why the loss stays ~0.27 kT above ``−ln Z``: a canonical point transformation gives the momenta the conditional law
+``p | q ~ N(0, GᵀG)`` with ``G = ∂Q/∂q`` instead of ``N(0, I)``, so the loss pays ``½ E[tr GᵀG − 2 − ln det GᵀG]``
+for every non-isometric Jacobian, on top of the configurational ``KL(ρ(q) ‖ π(q))``. Unrolling a uniform angle onto
+a Gaussian coordinate cannot be isometric (mapping the angle exactly would make the momentum term diverge, since the
+Gaussian tails of the slow ``Q`` must be squeezed into the cut), so the optimum trades one term against the other:
+at the default settings ~0.12 kT come from the momenta and ~0.15 kT from the positions, for every seed tried, and
+neither longer training, larger batches, wider nor more couplings moved the total below 0.25 kT.
 """
 import argparse
 import json
@@ -133,9 +141,12 @@ def mode_correlations(model, q):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000, help="maximum training steps (default: 3000)")
+    parser.add_argument("--steps", type=int, default=2000, help="maximum training steps (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, masks and samples (default: 0)")
-    parser.add_argument("--batch", type=int, default=512, help="training batch size (default: 512)")
+    # 1024 rather than 512: the Gaussian tails of the slow mode, squeezed into the cut, are trained often enough that
+    # no rare sample ends up with an enormous momentum (at 512, 2 of 4 seeds had 0.05-0.1 kT of their gap in 0.01 %
+    # of the samples).
+    parser.add_argument("--batch", type=int, default=1024, help="training batch size (default: 1024)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3)")
     parser.add_argument("--couplings", type=int, default=8, help="affine couplings (default: 8)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units per conditioner layer (default: 64)")
@@ -188,7 +199,7 @@ def plot(model, samples, result, history, path):
     scatter.set_aspect("equal")
     scatter.set_xlabel("q₁")
     scatter.set_ylabel("q₂")
-    scatter.set_title(f"model samples; |Spearman(Q₁, angle)| = {result['spearman_angle']:.3f}")
+    scatter.set_title(f"model samples\n|Spearman(Q₁, angle)| = {result['spearman_angle']:.4f}", fontsize=10)
     curve.plot(history.step, history.val_loss, "o-", ms=3, label="variational free energy")
     curve.axhline(result["exact_free_energy"], color="k", ls="--", label="exact −ln Z")
     curve.set_xlabel("training step")
