@@ -15,6 +15,9 @@ reference architecture: 8 RealNVP couplings with 2 hidden layers of 128 (SiLU), 
 - ``ours+linear``: the same with the learnable linear point layer after the couplings (the package default).
 - ``reference+half-width``: the reference's momenta (second pass, double backward) with our half-width
   conditioners, to separate the two levers.
+- ``ours+graph`` (``--device cuda`` only): ours with the whole step replayed from a CUDA graph
+  (:class:`nct_openmm.core.training.CapturedStep`, what ``Trainer(cuda_graph=True)`` does); batches and momenta come
+  from the default CUDA generator, so its optimisation path differs from the others by the draws only.
 
 Both models start as the same function: the reference's full-width weights are ours, padded with zeros, and the
 script checks that the two give the same loss and gradients. Dead weights then get exactly zero gradient, so both
@@ -33,6 +36,7 @@ Usage::
 
     python benchmarks/training_throughput.py             # under 5 min on a 2-core CPU
     python benchmarks/training_throughput.py --quick --json out.json
+    python benchmarks/training_throughput.py --device cuda       # on a GPU: adds ours+graph; no denormal section
 """
 import argparse
 import contextlib
@@ -56,6 +60,7 @@ sys.path.insert(0, REPOSITORY)
 
 from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, model_from_data,  # noqa: E402
                              negative_log_likelihood, variational_loss)
+from nct_openmm.core.training import CapturedStep  # noqa: E402
 from nct_openmm.data import thermal_energy  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
 from nct_openmm.slowmodes import average_structure  # noqa: E402
@@ -78,24 +83,34 @@ def main(argv=None):
     with _torchState(options.threads):
         qTrain, qVal = makeData(options.frames, options.seed)
         config = FlowConfig(dim=qTrain.shape[1], seed=options.seed, linear_point=False, **ARCHITECTURE)
-        equivalence = checkEquivalence(config, qTrain)
-        throughput = measureThroughput(config, qTrain, options)
-        timeToLoss = measureTimeToLoss(config, qTrain, qVal, options)
-        chain = measureChain(options)
-        denormals = measureDenormals(config, qTrain, options)
-        matmul = probeDenormalMatmul()
-    result = {"settings": {"dim": int(qTrain.shape[1]), "train_frames": int(len(qTrain)),
-                           "validation_frames": int(len(qVal)), "batch": BATCH, "learning_rate": LEARNING_RATE,
-                           "torch_threads": options.threads, "rounds": options.rounds,
-                           "steps_per_round": options.steps, **ARCHITECTURE},
-              "equivalence": equivalence, "throughput": throughput, "time_to_loss": timeToLoss,
-              "harmonic_chain": chain,
-              "denormals": denormals, "denormal_matmul_probe": matmul}
+        result = {"settings": {"device": options.device, "dim": int(qTrain.shape[1]),
+                               "train_frames": int(len(qTrain)), "validation_frames": int(len(qVal)),
+                               "batch": BATCH, "learning_rate": LEARNING_RATE, "torch_threads": options.threads,
+                               "rounds": options.rounds, "steps_per_round": options.steps, **ARCHITECTURE},
+                  "equivalence": checkEquivalence(config, qTrain)}
+        qTrain, qVal = qTrain.to(options.device), qVal.to(options.device)
+        onCpu = qTrain.device.type == "cpu"
+        sections = [("throughput", lambda: measureThroughput(config, qTrain, options)),
+                    ("time_to_loss", lambda: measureTimeToLoss(config, qTrain, qVal, options)),
+                    ("harmonic_chain", lambda: measureChain(options)),
+                    ("denormals", lambda: measureDenormals(config, qTrain, options) if onCpu else []),
+                    ("denormal_matmul_probe", lambda: probeDenormalMatmul() if onCpu else [])]
+        for key, measure in sections:
+            result[key] = _measured(measure)
+            if options.json:  # after every section, so that a failure later loses nothing
+                with open(options.json, "w") as file:
+                    json.dump(result, file, indent=2)
     printReport(result)
-    if options.json:
-        with open(options.json, "w") as file:
-            json.dump(result, file, indent=2)
     return result
+
+
+def _measured(measure):
+    """The section's result, or ``{"error": ...}`` when it failed (reported, not hidden)."""
+    try:
+        return measure()
+    except Exception as error:  # a variant that does not work on this device must not lose the other sections
+        lines = str(error).strip().splitlines() or [""]
+        return {"error": f"{type(error).__name__}: {lines[0]}"}
 
 
 def _parseArguments(argv):
@@ -113,6 +128,7 @@ def _parseArguments(argv):
                         help="variational steps of each model on the harmonic chain (default 400)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     return parser.parse_args(argv)
 
 
@@ -295,31 +311,55 @@ class Learner:
 
     def __init__(self, name, model, loss, seed, flushDenormals):
         self.name, self.model, self.loss = name, model, loss
+        self.device = next(model.parameters()).device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.flushDenormals = flushDenormals
         self.count = 0
         self.seconds = 0.0
 
     def steps(self, n):
         torch.set_flush_denormal(self.flushDenormals)
+        self._synchronize()
         start = time.perf_counter()
         for _ in range(n):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(self.generator)
-            loss.backward()
-            self.optimizer.step()
+            self.step()
+        self._synchronize()
         elapsed = time.perf_counter() - start
         self.count += n
         self.seconds += elapsed
         return elapsed
 
+    def step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self.generator)
+        loss.backward()
+        self.optimizer.step()
+
+    def _synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class GraphLearner(Learner):
+    """A learner whose step is replayed from a CUDA graph; ``loss(None)`` draws from the default CUDA generator."""
+
+    def __init__(self, name, model, loss, seed):
+        super().__init__(name, model, loss, seed, flushDenormals=False)
+        torch.cuda.manual_seed(seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(LEARNING_RATE, device=self.device),
+                                          capturable=True)
+        self.captured = CapturedStep(lambda: loss(None), self.optimizer)
+
+    def step(self):
+        self.captured()
+
 
 def _likelihoodLoss(nll, q):
     """Mean NLL of a batch of ``q`` with fresh Maxwell–Boltzmann momenta (unit masses, β = 1)."""
     def loss(generator):
-        qb = q[torch.randint(len(q), (BATCH,), generator=generator)]
-        return nll(qb, torch.randn(qb.shape, generator=generator))
+        qb = q[torch.randint(len(q), (BATCH,), generator=generator, device=q.device)]
+        return nll(qb, torch.randn(qb.shape, generator=generator, device=q.device))
     return loss
 
 
@@ -328,18 +368,24 @@ def _oursNll(model):
 
 
 def makeLearners(config, q, seed, allVariants=False):
-    """reference and ours, starting as the same function; with ``allVariants`` also reference+half-width and
-    ours+linear."""
-    ours = model_from_data(config, q)
-    reference = referenceFrom(ours).train()
+    """reference and ours, starting as the same function, and ours+graph on a GPU; with ``allVariants`` also
+    reference+half-width and ours+linear."""
+    device = q.device
+    ours = model_from_data(config, q.cpu())
+    reference = referenceFrom(ours).train().to(device)
+    ours = ours.to(device)
     learners = [Learner("reference", reference, _likelihoodLoss(reference.nll, q), seed, flushDenormals=False),
                 Learner("ours", ours.train(), _likelihoodLoss(_oursNll(ours), q), seed, flushDenormals=True)]
+    if device.type == "cuda":
+        graphed = model_from_data(config, q.cpu()).to(device).train()
+        learners.append(GraphLearner("ours+graph", graphed, _likelihoodLoss(_oursNll(graphed), q), seed))
     if allVariants:
-        halfWidth = referenceFrom(ours, fullWidth=False).train()
+        halfWidth = referenceFrom(ours.cpu(), fullWidth=False).train().to(device)
+        ours.to(device)
         learners.append(Learner("reference+half-width", halfWidth, _likelihoodLoss(halfWidth.nll, q), seed,
                                 flushDenormals=False))
         linearConfig = FlowConfig(**{**config.__dict__, "linear_point": True})
-        linear = model_from_data(linearConfig, q).train()
+        linear = model_from_data(linearConfig, q.cpu()).to(device).train()
         learners.append(Learner("ours+linear", linear, _likelihoodLoss(_oursNll(linear), q), seed,
                                 flushDenormals=True))
     return learners
@@ -348,14 +394,14 @@ def makeLearners(config, q, seed, allVariants=False):
 def checkEquivalence(config, q):
     """Loss and gradient differences between ours and the reference on one batch, with random (non-zero) coupling
     outputs so that every layer acts."""
-    ours = model_from_data(config, q)
+    ours = model_from_data(config, q.cpu())
     generator = torch.Generator().manual_seed(123)
     with torch.no_grad():
         for layer in ours.layers:
             if isinstance(layer, AffineCoupling):
                 layer.net[-1].weight.copy_(0.1 * torch.randn(layer.net[-1].weight.shape, generator=generator))
     reference = referenceFrom(ours)
-    qb = q[:BATCH].double()
+    qb = q[:BATCH].cpu().double()
     pb = torch.randn(qb.shape, generator=generator, dtype=torch.float64)
     ours, reference = ours.double(), reference.double()
     lossOurs = negative_log_likelihood(ours, qb, pb, create_graph=True)
@@ -416,7 +462,7 @@ def measureTimeToLoss(config, qTrain, qVal, options):
     """Both trained from the same function on the same batches; the validation NLL (fixed momenta) every
     ``eval_every`` steps, alternating chunks. Evaluation time is not counted. See :func:`_timeToTarget`."""
     learners = makeLearners(config, qTrain, options.seed)
-    momenta = torch.randn(qVal.shape, generator=torch.Generator().manual_seed(options.seed + 7))
+    momenta = torch.randn(qVal.shape, generator=torch.Generator().manual_seed(options.seed + 7)).to(qVal.device)
     return _timeToTarget(learners, lambda learner: _validationNll(learner, qVal, momenta), options.loss_steps,
                          options.eval_every, "validation_nll")
 
@@ -442,10 +488,10 @@ def _timeToTarget(learners, evaluate, steps, every, key):
         hit = hits[0] if hits else (None, None)
         reached[name] = {"steps": hit[0], "seconds": hit[1], f"final_{key}": curve[-1][2],
                          "curve": [{"step": s, "seconds": t, key: v} for s, t, v in curve]}
-    ratio = None
-    if reached["ours"]["seconds"] and reached["reference"]["seconds"]:
-        ratio = reached["reference"]["seconds"] / reached["ours"]["seconds"]
-    return {f"initial_{key}": start, f"target_{key}": target, "speedup": ratio, **reached}
+    speedups = {name: reached["reference"]["seconds"] / row["seconds"]
+                for name, row in reached.items() if row["seconds"] and reached["reference"]["seconds"]}
+    return {f"initial_{key}": start, f"target_{key}": target, "speedup": speedups.get("ours"),
+            "speedups": speedups, **reached}
 
 
 def _loadHarmonicChain():
@@ -471,15 +517,19 @@ def measureChain(options):
     hamiltonian = chain.hamiltonian
     config = FlowConfig(dim=CHAIN_SITES, seed=options.seed, **{**ARCHITECTURE, "linear_point": True})
     half = 0.5 * math.log(CHAIN_OMEGA_SPREAD)
-    ours = NCTModel(config, frequencies=torch.exp(torch.linspace(-half, half, CHAIN_SITES)))
-    reference = referenceFrom(ours)
+    frequencies = torch.exp(torch.linspace(-half, half, CHAIN_SITES))
+    device = torch.device(options.device)
+    ours = NCTModel(config, frequencies=frequencies)
+    reference = referenceFrom(ours).to(device)
+    ours = ours.to(device)
     learners = [Learner("reference", reference.train(), lambda g: reference.variational(hamiltonian, BATCH, g),
                         options.seed, flushDenormals=False),
                 Learner("ours", ours.train(), lambda g: variational_loss(ours, hamiltonian, BATCH, 1.0, g),
                         options.seed, flushDenormals=True)]
+    # No ours+graph here: the linear point layer's matrix exponential cannot be captured (Trainer refuses it).
 
     def evaluate(learner):
-        generator = torch.Generator().manual_seed(options.seed + 11)
+        generator = torch.Generator(device=device).manual_seed(options.seed + 11)
         learner.model.eval()
         if isinstance(learner.model, ReferenceFlow):
             value = learner.model.variational(hamiltonian, CHAIN_EVAL, generator, create_graph=False)
@@ -496,7 +546,7 @@ def measureChain(options):
 def measureDenormals(config, q, options):
     """ms per reference step: clean, dead weights at 1e-39 without flushing, the same with flushing; ours with
     and without flushing as a control."""
-    learners = makeLearners(config, q, options.seed)
+    learners = makeLearners(config, q, options.seed)[:2]
     reference, ours = learners
     configurations = [("reference, clean", reference, False, None),
                       ("reference, dead weights 1e-39", reference, False, DENORMAL),
@@ -556,23 +606,25 @@ def printReport(result):
           f"{settings['torch_threads']} torch thread(s)")
     print(f"same function: NLL ours {equivalence['nll_ours']:.6f}, reference {equivalence['nll_reference']:.6f} "
           f"(float64; gradient of log omega differs by {equivalence['log_omega_grad_max_difference']:.1e})")
+    for key in ("throughput", "time_to_loss", "harmonic_chain", "denormals"):
+        if isinstance(result[key], dict) and "error" in result[key]:
+            print(f"{key}: failed: {result[key]['error']}")
     print()
-    print(f"samples/s (median of {settings['rounds']} interleaved rounds of {settings['steps_per_round']} steps; "
-          "ratio: median of per-round ratios [min-max])")
-    print(f"{'variant':>20} {'samples/s':>10} {'ms/step':>9} {'x reference':>12} {'spread':>14}")
-    for row in result["throughput"]:
-        spread = f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
-        print(f"{row['variant']:>20} {row['samples_per_s']:>10.0f} {row['ms_per_step']:>9.1f} "
-              f"{row['ratio_to_reference']:>12.2f} {spread:>14}")
-    print()
-    _printTimeToTarget(result["time_to_loss"], "validation_nll", "validation NLL (ala2 data)", "--loss-steps")
+    if isinstance(result["throughput"], list):
+        _printThroughput(result)
+    if "error" not in result["time_to_loss"]:
+        _printTimeToTarget(result["time_to_loss"], "validation_nll", "validation NLL (ala2 data)", "--loss-steps")
     chain = result["harmonic_chain"]
     print()
+    if "error" in chain:
+        return
     if chain["available"]:
         _printTimeToTarget(chain, "free_energy", f"variational free energy, harmonic chain of {chain['sites']} "
                                                  f"(exact {chain['exact_free_energy']:.3f})", "--chain-steps")
     else:
         print(f"harmonic chain: examples/harmonic_chain.py not usable ({chain['reason']})")
+    if not isinstance(result["denormals"], list) or not result["denormals"]:
+        return
     print()
     print("float32 denormals (ms per training step; speed relative to the clean reference)")
     for row in result["denormals"]:
@@ -583,6 +635,18 @@ def printReport(result):
     print(f"probe, us per (200x128)@(128x128) float32 matmul: {probe}")
 
 
+def _printThroughput(result):
+    settings = result["settings"]
+    print(f"samples/s (median of {settings['rounds']} interleaved rounds of {settings['steps_per_round']} steps; "
+          "ratio: median of per-round ratios [min-max])")
+    print(f"{'variant':>20} {'samples/s':>10} {'ms/step':>9} {'x reference':>12} {'spread':>14}")
+    for row in result["throughput"]:
+        spread = f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
+        print(f"{row['variant']:>20} {row['samples_per_s']:>10.0f} {row['ms_per_step']:>9.1f} "
+              f"{row['ratio_to_reference']:>12.2f} {spread:>14}")
+    print()
+
+
 def _printTimeToTarget(section, key, what, option):
     if section[f"target_{key}"] is None:
         print(f"time to {what}: no improvement on the start ({section[f'initial_{key}']:.3f}) within the budget; "
@@ -590,14 +654,14 @@ def _printTimeToTarget(section, key, what, option):
     else:
         print(f"time to {what} {section[f'target_{key}']:.3f} (start {section[f'initial_{key}']:.3f}; the worse "
               "of the two best values, plus 2 % of the improvement)")
-    print(f"{'variant':>14} {'steps':>7} {'train s':>8} {'final':>10}")
-    for name in ("reference", "ours"):
+    print(f"{'variant':>14} {'steps':>7} {'train s':>8} {'final':>10} {'speed-up':>9}")
+    for name in [name for name in ("reference", "ours", "ours+graph") if name in section]:
         row = section[name]
         steps = "-" if row["steps"] is None else str(row["steps"])
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
-        print(f"{name:>14} {steps:>7} {seconds:>8} {row[f'final_{key}']:>10.3f}")
-    if section["speedup"]:
-        print(f"{'speed-up':>14} {section['speedup']:.2f}x")
+        speedup = section["speedups"].get(name)
+        speedup = "-" if speedup is None else f"{speedup:.2f}x"
+        print(f"{name:>14} {steps:>7} {seconds:>8} {row[f'final_{key}']:>10.3f} {speedup:>9}")
 
 
 if __name__ == "__main__":

@@ -274,3 +274,18 @@ def test_training_keeps_the_best_validation_weights():
     history = fit_likelihood(model, q, max_steps=60, batch_size=128, eval_every=10, progress=False)
     assert history.best_val_loss == min(history.val_loss)
     assert history.best_val_loss < history.val_loss[0]
+
+
+def test_cuda_graph_training_needs_a_model_on_a_gpu():
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+    with pytest.raises(ValueError, match="CUDA device"):
+        fit_variational(model, lambda q, p: 0.5 * ((q ** 2) + (p ** 2)).sum(-1), max_steps=1, progress=False,
+                        cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_refuses_the_linear_layers():
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4, linear_point=True)).cuda()
+    with pytest.raises(ValueError, match="matrix exponential"):
+        fit_variational(model, lambda q, p: 0.5 * ((q ** 2) + (p ** 2)).sum(-1), max_steps=1, progress=False,
+                        cuda_graph=True)

@@ -58,7 +58,8 @@ class AffinePoint(PointLayer):
     @property
     def matrix_inverse(self) -> Tensor:
         # Computed, not stored: a stored inverse would keep float32 rounding after the layer is cast to float64.
-        return torch.linalg.inv(self.matrix)
+        # inv_ex skips the error check, which on a GPU is a host synchronisation (and breaks CUDA graph capture).
+        return torch.linalg.inv_ex(self.matrix)[0]
 
     @classmethod
     def identity(cls, dim: int, dtype=torch.float32):
