@@ -16,7 +16,13 @@ Variants, all on the same system and platform, built once and timed in turns ins
 - ``nct``: ``LatentMetadynamics``: both modes and the grid bias in one ``TorchForce``;
 - ``nct-mts4`` / ``nct-mts8``: the same force in its own group, applied every 4th / 8th inner step by
   ``openmm.MTSLangevinIntegrator`` (outer step 8 / 16 fs);
-- ``nct-float64``: ``nct`` with the CV model exported in float64 instead of float32.
+- ``nct-float64``: ``nct`` with the CV model exported in float64 instead of float32;
+- ``student`` / ``student-mts8``: ``nct`` / ``nct-mts8`` with a small network distilled from the flow
+  (:func:`nct_openmm.export.student_module`, 2 hidden layers of 128) as the CV. Distilled here with few steps
+  (``--student-steps``): its cost per evaluation does not depend on how well it is fitted;
+- ``floor`` / ``floor-mts8`` (not run by default): a ``TorchForce`` whose model is one small sum of squares of the
+  CV atoms' positions, every step / every 8th step: the cost of openmm-torch itself, a floor that no CV model
+  evaluated through a ``TorchForce`` can beat.
 
 Timing: every round runs each variant (in a rotating order) for ``--steps`` inner steps, repeated until it has
 run for ``--min-seconds``; hills every ps in every variant. ns/day is the median over rounds; the ratio to plain
@@ -44,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 import numpy as np
 import openmm
@@ -53,9 +60,10 @@ from openmm import app, unit
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
+from nct_openmm.backend import createTorchForce  # noqa: E402
 from nct_openmm.core import FlowConfig, model_from_data  # noqa: E402
 from nct_openmm.data import thermal_energy  # noqa: E402
-from nct_openmm.export import slow_mode_module  # noqa: E402
+from nct_openmm.export import slow_mode_module, student_module  # noqa: E402
 from nct_openmm.forces import slowModeBiasVariables  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
 from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
@@ -69,8 +77,10 @@ FRICTION = 1.0  # 1/ps
 MODES = 2
 RANGE, WIDTH, BIAS_FACTOR, HEIGHT = (-4.0, 4.0), 0.3, 6.0, 1.0
 HILL_PS = 1.0
-VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64")
-MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8}
+VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8",
+            "floor", "floor-mts8")
+DEFAULT_VARIANTS = VARIANTS[:9]
+MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8}
 
 
 def main(argv=None):
@@ -113,7 +123,7 @@ def _parseArguments(argv):
     parser.add_argument("--system", dest="systems", nargs="+",
                         choices=["ala2-implicit", "ala2-explicit", "ala2-vacuum"],
                         help="systems to measure (default ala2-implicit)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
                         help="variants to measure (plain is always added)")
     parser.add_argument("--steps", type=int, default=504, help="inner 2-fs steps per timed chunk (default 504, "
                                                                "a multiple of 8)")
@@ -124,6 +134,8 @@ def _parseArguments(argv):
                                                         "reference architecture)")
     parser.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1)")
     parser.add_argument("--torch-threads", type=int, default=1, help="libtorch intra-op threads (default 1)")
+    parser.add_argument("--student-steps", type=int, default=300,
+                        help="distillation steps of the student variants (default 300; speed only)")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture the TorchForces in CUDA graphs (CUDA)")
     parser.add_argument("--mts-accuracy", action="store_true",
                         help="also measure the accuracy cost of MTS for a fixed bias (ala2-vacuum)")
@@ -229,6 +241,12 @@ def buildVariants(model, systemName, platform, options, names):
         stride = MTS_STRIDES.get(name, 1)
         if name in ("plain", "plain-mts"):
             advance = None
+        elif name.startswith("floor"):
+            group = max(force.getForceGroup() for force in system.getForces()) + 1
+            system.addForce(createTorchForce(FloorModel(HEAVY_ATOMS), periodic=periodic, cudaGraphs=cudaGraphs,
+                                             forceGroup=group))
+            meta = argparse.Namespace(forceGroup=group)
+            advance = None
         elif name == "naive":
             variables = slowModeBiasVariables(modules[torch.float32], list(range(MODES)), [RANGE] * MODES,
                                               WIDTH, padding=0.0, gridWidth=_gridNodes(), periodic=periodic,
@@ -238,9 +256,11 @@ def buildVariants(model, systemName, platform, options, names):
             advance = _BoundStepper(meta)
         else:
             dtype = torch.float64 if name == "nct-float64" else torch.float32
-            if dtype not in modules:
-                modules[dtype] = slow_mode_module(model, MODES, dtype)
-            meta = LatentMetadynamics(system, modules[dtype], [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin,
+            key = "student" if name.startswith("student") else dtype
+            if key not in modules:
+                modules[key] = (student_module(model, MODES, steps=options.student_steps, progress=False)[0]
+                                if key == "student" else slow_mode_module(model, MODES, dtype))
+            meta = LatentMetadynamics(system, modules[key], [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin,
                                       BIAS_FACTOR, HEIGHT * unit.kilojoule_per_mole, _hillFrequency(stride),
                                       gridWidth=_gridNodes(), periodic=periodic, cudaGraphs=cudaGraphs)
             advance = _BoundStepper(meta)
@@ -257,6 +277,17 @@ def buildVariants(model, systemName, platform, options, names):
             advance.simulation = simulation
         variants.append(Variant(name, simulation, advance, stride))
     return variants
+
+
+class FloorModel(torch.nn.Module):
+    """The cheapest model worth a TorchForce: a weak harmonic tether of the CV atoms to the origin."""
+
+    def __init__(self, atoms: List[int]):
+        super().__init__()
+        self.register_buffer("atoms", torch.tensor(atoms, dtype=torch.long))
+
+    def forward(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return 1e-3 * (positions[self.atoms] ** 2).sum()
 
 
 class _BoundStepper:
@@ -308,17 +339,23 @@ def measureSystem(model, systemName, platform, options):
     """Rows ``{platform, system, variant, ns_per_day, ratio_to_plain, ...}`` for one system on one platform."""
     names = ["plain"] + [name for name in options.variants if name != "plain"]
     variants = buildVariants(model, systemName, platform, options, names)
-    for variant in variants:
-        variant.run(8 * max(1, options.steps // 40))  # TorchScript profiles the first calls, then optimises
+    failures = {}
+    for variant in list(variants):
+        # TorchScript profiles the first calls, then optimises.
+        _runOrDrop(variant, variants, failures, lambda v: v.run(8 * max(1, options.steps // 40)))
     timings = {variant.name: [] for variant in variants}
     for round_ in range(options.rounds):
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            timings[variant.name].append(_nsPerDay(variant, options.steps, options.min_seconds))
-    ratios = {name: [v / p for v, p in zip(values, timings["plain"])] for name, values in timings.items()}
-    rows = []
+            _runOrDrop(variant, variants, failures, lambda v: timings[v.name].append(
+                _nsPerDay(v, options.steps, options.min_seconds)))
+    rounds = min(len(values) for name, values in timings.items() if name not in failures)
+    ratios = {name: [v / p for v, p in zip(values[:rounds], timings["plain"][:rounds])]
+              for name, values in timings.items() if name not in failures}
+    rows = [{"platform": platform.getName(), "system": systemName, "variant": name, "ns_per_day": None,
+             "ratio_to_plain": None, "error": message} for name, message in failures.items()]
     plainMs = _msPer2fs(statistics.median(timings["plain"]))
-    for name in names:
+    for name in [name for name in names if name not in failures]:
         nsPerDay = statistics.median(timings[name])
         rows.append({"platform": platform.getName(), "system": systemName, "variant": name,
                      "ns_per_day": nsPerDay, "ms_per_2fs": _msPer2fs(nsPerDay),
@@ -330,13 +367,26 @@ def measureSystem(model, systemName, platform, options):
     return rows
 
 
+def _runOrDrop(variant, variants, failures, action):
+    """Run ``action(variant)``; if it raises, drop the variant from ``variants`` and keep the first line of the error
+    (a variant that does not work on this platform must not end the measurement of the others)."""
+    if variant not in variants:
+        return
+    try:
+        action(variant)
+    except Exception as error:  # reported in the table and the JSON, not hidden
+        lines = str(error).strip().splitlines() or [""]
+        failures[variant.name] = f"{type(error).__name__}: {lines[0]}"
+        variants.remove(variant)
+
+
 def _msPer2fs(nsPerDay):
     """Wall-clock ms per 2 fs of simulated time."""
     return 86400.0 * 1e3 * STEP_PS * 1e-3 / nsPerDay
 
 
 def _dtypeName(variant):
-    if variant.startswith("plain"):
+    if variant.startswith(("plain", "floor")):
         return None
     return "float64" if variant == "nct-float64" else "float32"
 
@@ -359,6 +409,9 @@ def printTable(rows, options):
     print(f"{'platform':>9} {'system':>14} {'variant':>12} {'ns/day':>9} {'% of plain':>11} {'spread':>15} "
           f"{'ms/2fs':>8} {'bias ms/2fs':>12}")
     for row in rows:
+        if row["ns_per_day"] is None:
+            print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>12}   failed: {row['error']}")
+            continue
         spread = f"[{100 * row['ratio_min']:.1f}-{100 * row['ratio_max']:.1f}]"
         print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>12} {row['ns_per_day']:>9.2f} "
               f"{100 * row['ratio_to_plain']:>10.1f}% {spread:>15} {row['ms_per_2fs']:>8.3f} "

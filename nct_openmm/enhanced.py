@@ -21,7 +21,7 @@ import torch
 from nct_openmm.analysis import (basin_free_energy, count_transitions, free_energy_surface,
                                  plot_free_energy_surface)
 from nct_openmm.data import BOLTZMANN
-from nct_openmm.export import slow_mode_module
+from nct_openmm.export import slow_mode_module, student_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
 from nct_openmm.metadynamics import LatentMetadynamics
 from nct_openmm.simulate import stepWithProgress
@@ -38,6 +38,12 @@ class SlowModeMetadynamicsSettings:
 
     ``margin`` widens the training range of every mode on both sides (in mode units) to make the bias grid; a
     flat-bottom wall of ``wallForceConstant`` (kJ/mol per squared mode unit) keeps the modes inside it.
+
+    Speed (``benchmarks/bias_overhead.py``): ``student`` evaluates a small network distilled from the flow
+    (:func:`nct_openmm.export.student_module`; its errors go into the summary) instead of the flow;
+    ``biasStride`` n applies the bias every n-th 2-fs step with ``openmm.MTSLangevinIntegrator`` (outer step
+    n × 2 fs). Whether a stride is accurate depends on the CV: check the kinetic temperature and the free energy
+    against a stride-1 run (``bias_overhead.py --mts-accuracy``).
     """
 
     modes: int = 2
@@ -49,6 +55,9 @@ class SlowModeMetadynamicsSettings:
     wallForceConstant: float = 50.0
     naive: bool = False  # openmm.app.Metadynamics with one TorchForce per mode, for comparisons
     torchThreads: int = 1  # libtorch intra-op threads for the CV model (0: leave torch's setting alone)
+    student: bool = False  # a distilled network instead of the flow
+    studentSteps: int = 6000  # its training steps (about 3 min on one CPU core)
+    biasStride: int = 1  # apply the bias every n-th step (multiple time stepping)
 
 
 def checkModelForSystem(model, molecularSystem, temperature):
@@ -74,8 +83,14 @@ def checkModelForSystem(model, molecularSystem, temperature):
                       TemperatureMismatchWarning, stacklevel=2)
 
 
-def _simulation(molecularSystem, system, temperature, seed, platform, timestep=0.002):
-    integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, timestep)
+def _simulation(molecularSystem, system, temperature, seed, platform, timestep=0.002, biasGroup=None, stride=1):
+    """Minimised and thermalised; with ``biasGroup``, MTS Langevin applying that group once per ``stride`` steps."""
+    if biasGroup is None:
+        integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, timestep)
+    else:
+        others = sorted({force.getForceGroup() for force in system.getForces()} - {biasGroup})
+        integrator = openmm.MTSLangevinIntegrator(temperature, 1.0, stride * timestep,
+                                                  [(biasGroup, 1)] + [(group, stride) for group in others])
     integrator.setRandomNumberSeed(int(seed) + 1)
     chosen = getPlatform(platform)
     simulation = app.Simulation(molecularSystem.topology, system, integrator, chosen, platformProperties(chosen))
@@ -128,7 +143,14 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         torch.set_num_threads(settings.torchThreads)
     temperature = float(model.temperature if temperature is None else temperature)
     checkModelForSystem(model, molecularSystem, temperature)
-    cv = slow_mode_module(model, settings.modes)
+    if settings.frequency % settings.biasStride:
+        raise ValueError(f"the hill frequency ({settings.frequency} steps) must be a multiple of the bias stride "
+                         f"({settings.biasStride})")
+    studentReport = None
+    if settings.student:
+        cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress)
+    else:
+        cv = slow_mode_module(model, settings.modes)
     system = openmm.XmlSerializer.clone(molecularSystem.system)
     checkSystemCompatible(system, cv)
     periodic = system.usesPeriodicBoundaryConditions()
@@ -140,15 +162,18 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                                 settings.height * unit.kilojoule_per_mole, settings.frequency)
     else:
         bias = LatentMetadynamics(system, cv, ranges, settings.width, temperature, settings.biasFactor,
-                                  settings.height, settings.frequency, periodic=periodic,
+                                  settings.height, settings.frequency // settings.biasStride, periodic=periodic,
                                   wallForceConstant=settings.wallForceConstant)
-    simulation = _simulation(molecularSystem, system, temperature, seed, platform)
+    stride = settings.biasStride
+    biasGroup = None if settings.naive or stride == 1 else bias.forceGroup
+    simulation = _simulation(molecularSystem, system, temperature, seed, platform, biasGroup=biasGroup,
+                             stride=stride)
     os.makedirs(outDir, exist_ok=True)
     _writeTopology(simulation, os.path.join(outDir, "top.pdb"))
-    stepsPerFrame = max(1, int(round(reportInterval / 0.002)))
+    stepsPerFrame = max(1, int(round(reportInterval / (0.002 * stride))))
     simulation.reporters.append(app.DCDReporter(os.path.join(outDir, "traj.dcd"), stepsPerFrame))
-    seconds = stepWithProgress(lambda n: bias.step(simulation, n), int(round(ns * 500000)), stepsPerFrame * 50,
-                               progress, "metadynamics")
+    seconds = stepWithProgress(lambda n: bias.step(simulation, n), int(round(ns * 500000 / stride)),
+                               stepsPerFrame * 50, progress, "metadynamics")
     biasAt = _biasFunction(bias, cv, settings, temperature)
     weights = _reweightingFactors(biasAt, cv, os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"),
                                   temperature, periodic)
@@ -161,7 +186,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                             outDir)
     summary.update(protocol="nct-metad" + ("-naive" if settings.naive else ""), ns=ns,
                    ns_per_day=ns * 86400.0 / seconds, settings=dataclasses.asdict(settings), seed=seed,
-                   platform=simulation.context.getPlatform().getName(), model_temperature=model.temperature)
+                   platform=simulation.context.getPlatform().getName(), model_temperature=model.temperature,
+                   student_report=studentReport, frame_interval_ps=stepsPerFrame * stride * 0.002)
     _writeSummary(summary, outDir)
     return summary
 

@@ -10,13 +10,39 @@ hill width fits all modes.
 import copy
 import os
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .core.distill import fit_student
 from .core.layers import AffineCoupling, AffinePoint, LinearPoint
 from .geometry import kabsch_align, unwrap
+
+
+class AlignedInput(nn.Module):
+    """The front of every exported CV: selected atoms, unwrapped and aligned, mapped to the whitened internal
+    coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix."""
+
+    def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
+        self.parents: List[int] = list(frame.parents)
+        self.unwrap_order: List[int] = list(frame.unwrap_order)
+        self.align = frame.align
+        self.register_buffer("masses", frame.masses.to(dtype))
+        self.register_buffer("reference", frame.reference.to(dtype))
+        in_matrix, in_shift = _fused_input(frame, pre)
+        self.register_buffer("in_matrix", in_matrix.to(dtype))
+        self.register_buffer("in_shift", in_shift.to(dtype))
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        x = positions[self.atom_indices].to(self.in_matrix.dtype)
+        if boxvectors is not None:
+            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
+        if self.align:
+            x = kabsch_align(x, self.reference, self.masses, iterative=x.is_cuda)
+        return (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
 
 
 class SlowModeModule(nn.Module):
@@ -37,15 +63,7 @@ class SlowModeModule(nn.Module):
         layers = list(flow.layers)
         pre, couplings = layers[0], [layer for layer in layers if isinstance(layer, AffineCoupling)]
         tail = [layer for layer in layers[1:] if not isinstance(layer, AffineCoupling)]
-        self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
-        self.parents: List[int] = list(frame.parents)
-        self.unwrap_order: List[int] = list(frame.unwrap_order)
-        self.align = frame.align
-        self.register_buffer("masses", frame.masses.to(dtype))
-        self.register_buffer("reference", frame.reference.to(dtype))
-        in_matrix, in_shift = _fused_input(frame, pre)
-        self.register_buffer("in_matrix", in_matrix.to(dtype))
-        self.register_buffer("in_shift", in_shift.to(dtype))
+        self.input = AlignedInput(frame, pre, dtype)
         self.couplings = nn.ModuleList([_copy_coupling(c, dtype) for c in couplings])
         self.register_buffer("out_matrix", _fused_output(flow, tail, modes).to(dtype))
         self.num_modes = int(modes)
@@ -53,15 +71,27 @@ class SlowModeModule(nn.Module):
         self.temperature = float(model.temperature)
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        x = positions[self.atom_indices].to(self.in_matrix.dtype)
-        if boxvectors is not None:
-            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
-        if self.align:
-            x = kabsch_align(x, self.reference, self.masses)
-        y = (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
+        y = self.input(positions, boxvectors)
         for coupling in self.couplings:
             y = coupling(y)
         return (y @ self.out_matrix)[0].to(positions.dtype)
+
+
+class StudentModule(nn.Module):
+    """A distilled CV (:mod:`nct_openmm.core.distill`) with the contract of :class:`SlowModeModule`: the same
+    front, then a small MLP instead of the flow. Attribute ``student_report`` holds the distillation errors."""
+
+    def __init__(self, model, student, report: Optional[dict] = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.input = AlignedInput(model.frame, student.pre, dtype)
+        self.net = copy.deepcopy(student.net).to(dtype)
+        self.num_modes = int(student.modes)
+        self.num_atoms_required = int(max(model.frame.atom_indices)) + 1
+        self.temperature = float(model.temperature)
+        self.student_report: Dict[str, float] = {key: float(value) for key, value in (report or {}).items()}
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        return self.net(self.input(positions, boxvectors))[0].to(positions.dtype)
 
 
 def _fused_input(frame, pre: AffinePoint):
@@ -118,9 +148,37 @@ def slow_mode_module(model, modes: int = 2, dtype: torch.dtype = torch.float32) 
     return script(SlowModeModule(model, modes, dtype))
 
 
+def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, **options):
+    """Distil the ``modes`` slowest modes of ``model`` into a small network (:func:`~nct_openmm.core.distill.
+    fit_student`, ``options`` go there) and script it with the CV contract.
+
+    Returns
+    -------
+    (torch.jit.ScriptModule, dict)
+        The CV and the distillation report (errors in mode units on held-out configurations of the flow).
+
+    Examples
+    --------
+    >>> cv, report = student_module(SlowModeModel.load("models/alanine_dipeptide.pt"), modes=2)  # doctest: +SKIP
+    >>> report["value_rms_thermal"]  # doctest: +SKIP
+    """
+    student, report = fit_student(model.flow, modes, **options)
+    return script(StudentModule(model, student, report.as_dict(), dtype)), report.as_dict()
+
+
 def export_slow_modes(model, path, modes: int = 2, dtype: torch.dtype = torch.float32) -> str:
     """Write the scripted CV to ``path``; it loads with plain ``torch.jit.load``."""
-    module = slow_mode_module(model, modes, dtype)
+    return _save(slow_mode_module(model, modes, dtype), path)
+
+
+def export_student(model, path, modes: int = 2, dtype: torch.dtype = torch.float32, **options) -> dict:
+    """Write a distilled CV (:func:`student_module`) to ``path``; returns the distillation report."""
+    module, report = student_module(model, modes, dtype, **options)
+    _save(module, path)
+    return report
+
+
+def _save(module, path) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with warnings.catch_warnings():

@@ -51,19 +51,97 @@ def unwrap(x: Tensor, box: Tensor, order: List[int], parents: List[int]) -> Tens
     return torch.stack(atoms, dim=-2)
 
 
-def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor) -> Tensor:
+def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor, iterative: bool = False) -> Tensor:
     """Centre ``x (..., n, 3)`` on its weighted centre and rotate it onto the centred ``reference (n, 3)``,
-    minimising ``Σ w_i |R x_i − r_i|²`` (proper rotations only)."""
+    minimising ``Σ w_i |R x_i − r_i|²`` (proper rotations only).
+
+    ``iterative`` computes the rotation with :func:`polar_rotation` instead of an SVD: the same rotation for every
+    structure that is not closer to the reference's mirror image, from elementwise operations only (on a GPU the
+    SVD of a 3×3 matrix goes through the host, which a CUDA graph cannot capture). The iteration runs outside
+    autograd and its result re-enters through :func:`_differentiable_rotation`, with the exact derivative of the
+    optimal rotation for a fraction of the kernels of differentiating ten Newton steps. On a CPU, where every
+    operation costs microseconds of overhead, differentiating the one SVD is cheaper.
+    """
     w = weights / weights.sum()
     centred = x - (w[:, None] * x).sum(-2, keepdim=True)
     covariance = centred.transpose(-1, -2) @ (w[:, None] * reference)
+    if iterative:
+        with torch.no_grad():
+            rotation = polar_rotation(covariance)
+        rotation = _differentiable_rotation(rotation, covariance)
+    else:
+        rotation = _svd_rotation(covariance)
+    return centred @ rotation
+
+
+def _svd_rotation(covariance: Tensor) -> Tensor:
     u, _, vh = torch.linalg.svd(covariance)
     # A reflection would give a lower residual for a mirror-image structure; flip the last axis to forbid it.
     sign = torch.sign(torch.linalg.det(u @ vh))
     ones = torch.ones_like(sign)
     flip = torch.stack([ones, ones, sign], dim=-1)
-    rotation = (u * flip.unsqueeze(-2)) @ vh
-    return centred @ rotation
+    return (u * flip.unsqueeze(-2)) @ vh
+
+
+def _differentiable_rotation(rotation: Tensor, covariance: Tensor) -> Tensor:
+    """``rotation`` (the optimal ``R`` for ``covariance`` C, computed without autograd) as a function of C whose
+    value is ``R`` and whose derivative is that of the optimum.
+
+    Optimality makes ``P = Rᵀ C`` symmetric; differentiating that condition with ``dR = R Ω`` (Ω antisymmetric,
+    vector ω) gives ``Ω P + P Ω = Rᵀ dC − dCᵀ R``, i.e. ``((tr P) I − P) ω = vec(Rᵀ dC − dCᵀ R)``: one 3×3 solve,
+    with a matrix fixed at the current point. The returned ``R + R Ω(C − C₀)`` is linear in ``C − C₀`` (zero in
+    value), so autograd sees a few small products instead of the backward pass of an SVD.
+    """
+    # The constant copy is made under no_grad, not with detach(): torch.jit.freeze (which TorchForce applies)
+    # removes detach, and C − C₀ would then carry no derivative at all.
+    with torch.no_grad():
+        fixed = covariance.clone()
+        p = rotation.transpose(-1, -2) @ fixed
+        trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        eye = torch.eye(3, dtype=p.dtype, device=p.device)
+        solve = torch.linalg.inv_ex(trace * eye - p)[0]
+    a = rotation.transpose(-1, -2) @ (covariance - fixed)
+    skew = a - a.transpose(-1, -2)
+    v = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], dim=-1)
+    omega = (solve @ v.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(omega[..., 0])
+    generator = torch.stack([torch.stack([zero, -omega[..., 2], omega[..., 1]], dim=-1),
+                             torch.stack([omega[..., 2], zero, -omega[..., 0]], dim=-1),
+                             torch.stack([-omega[..., 1], omega[..., 0], zero], dim=-1)], dim=-2)
+    return rotation + rotation @ generator
+
+
+#: Newton steps of :func:`polar_rotation`. With determinant scaling, the alignment covariance of alanine dipeptide's
+#: heavy atoms (condition number about 40) converges to rounding in 5 steps in float32 and 6 in float64; the margin
+#: is for less well-conditioned (flatter) atom selections.
+POLAR_ITERATIONS = 8
+
+
+def polar_rotation(c: Tensor, iterations: int = POLAR_ITERATIONS) -> Tensor:
+    """Orthogonal polar factor ``U Vᵀ`` of 3×3 matrices ``c = U S Vᵀ`` (``(..., 3, 3)``), by Newton's iteration
+    ``X ← (γX + (γX)⁻ᵀ)/2`` with determinant scaling ``γ = |det X|^(−1/3)``.
+
+    For ``det c > 0`` this is the Kabsch rotation; for ``det c < 0`` (a structure closer to the mirror image of the
+    reference) it is the improper orthogonal factor, where the SVD route flips an axis instead. The inverse
+    transpose of a 3×3 matrix is its cofactor matrix over its determinant, whose rows are cross products of the
+    rows, so every step is a handful of elementwise operations: differentiable, and free of host synchronisation.
+
+    Examples
+    --------
+    >>> c = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.0, 0.2], [0.0, -0.2, 0.5]], dtype=torch.float64)
+    >>> r = polar_rotation(c)
+    >>> bool(torch.allclose(r @ r.T, torch.eye(3, dtype=torch.float64), atol=1e-12))
+    True
+    """
+    x = c
+    for _ in range(iterations):
+        r0, r1, r2 = x[..., 0, :], x[..., 1, :], x[..., 2, :]
+        cofactor = torch.stack([torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0),
+                                torch.linalg.cross(r0, r1)], dim=-2)
+        det = (r0 * cofactor[..., 0, :]).sum(-1)[..., None, None]
+        scale = det.abs().pow(-1.0 / 3.0)
+        x = 0.5 * (scale * x + cofactor / (scale * det))
+    return x
 
 
 def rigid_body_basis(reference: Tensor, masses: Tensor) -> Tensor:

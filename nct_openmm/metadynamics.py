@@ -41,9 +41,10 @@ the range in mode units, that pushes the system back. Hills whose centre lies ou
 deposited (their tails reach the grid).
 
 CUDA graphs (``cudaGraphs=True``): the module adds hills without data-dependent branches, so it can be captured.
-Whether the captured graph sees new hills depends on openmm-torch passing changed global parameters to it, which
-the kernel source we have read does not do; the hill-count check in :meth:`LatentMetadynamics.step` stops a run
-where hills do not arrive. Not yet verified on a GPU.
+Verified on an H200 with acellera-openmmtorch-cu13 1.10 (``tests/test_cuda.py``): changed global parameters reach
+the captured graph, hills arrive, and the CUDA bias equals the Reference one; the kernel passes parameters as
+1-element tensors there (0-d on the CPU platforms), which the module accepts. The hill-count check in
+:meth:`LatentMetadynamics.step` would stop a run on a build where hills do not arrive.
 
 Multiple time stepping: the bias force sits in its own force group (:attr:`LatentMetadynamics.forceGroup`), so an
 ``openmm.MTSLangevinIntegrator`` can apply it every n-th inner step. With an outer step of n × 2 fs, give the bias
@@ -329,6 +330,9 @@ class LatentMetadynamicsModule(torch.nn.Module):
     def energy(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor], hillId: torch.Tensor,
                height: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
                centres: List[torch.Tensor], modeReadouts: List[torch.Tensor]) -> torch.Tensor:
+        hillId, height, biasReadout, countReadout = (_scalar(hillId), _scalar(height), _scalar(biasReadout),
+                                                     _scalar(countReadout))
+        centres, modeReadouts = [_scalar(c) for c in centres], [_scalar(r) for r in modeReadouts]
         with torch.no_grad():
             self.grid.addHill(hillId, centres, height)
         s = self.cv(positions, boxvectors)
@@ -362,6 +366,11 @@ class _MetadynamicsModuleBox(LatentMetadynamicsModule):
                 p6: Optional[torch.Tensor] = None, p7: Optional[torch.Tensor] = None) -> torch.Tensor:
         readouts, hillId, height, centres = _splitParameters(self.grid.numModes, [p0, p1, p2, p3], [p4, p5, p6, p7])
         return self.energy(positions, boxvectors, hillId, height, biasReadout, countReadout, centres, readouts)
+
+
+def _scalar(parameter: torch.Tensor) -> torch.Tensor:
+    """A global parameter as a 0-d tensor: the CPU kernels of openmm-torch pass shape (), the CUDA kernel (1,)."""
+    return parameter.reshape(torch.jit.annotate(List[int], []))
 
 
 def _splitParameters(numModes: int, given: List[torch.Tensor], optional: List[Optional[torch.Tensor]]):
@@ -445,9 +454,8 @@ class LatentMetadynamics:
     cudaGraphs : bool
         Capture the module in a CUDA graph on the CUDA platform. Hills are then added without a branch, at the cost
         of one hill's worth of (zero-weighted) arithmetic every step. Hills and read-outs travel as Context global
-        parameters, and the openmm-torch CUDA kernel we have read creates new parameter tensors at every call,
-        which a captured graph never sees: check on your build that hills arrive (:meth:`step` raises
-        RuntimeError at the second hill when they do not).
+        parameters; with the pinned openmm-torch build they reach the graph (checked on an H200), and :meth:`step`
+        raises RuntimeError at the second hill on a build where they do not.
     forceGroup : int, optional
         Defaults to the highest group no force of ``system`` uses.
     stride : int
@@ -700,8 +708,8 @@ class LatentMetadynamics:
             raise RuntimeError(
                 f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "
                 f"{len(self._heightList)}: a Context only holds the hills of the force it was created from (to "
-                "move a bias to a new Context, saveBias() and loadBias() before creating it), and with "
-                "cudaGraphs=True the openmm-torch build may not pass changed global parameters to the graph")
+                "move a bias to a new Context, saveBias() and loadBias() before creating it), or this openmm-torch "
+                "build does not pass changed global parameters to a CUDA graph (cudaGraphs=True)")
         height = self.height * math.exp(-bias / self._thermalEnergyDelta)
         for k, value in enumerate(modes):
             context.setParameter(_centreParameter(k), float(value))

@@ -81,3 +81,26 @@ def test_alanine_dipeptide_example_small_setting(ala2_model, tmp_path):
     for result in document["results"].values():
         assert result["frames"] == 40
     assert (tmp_path / "comparison.json").exists()
+
+
+def test_student_cv_with_multiple_time_stepping(ala2_model, tmp_path):
+    """The fast path of 'nct metad': a distilled CV applied every 4th step; hills and frames keep their schedule."""
+    import numpy as np
+
+    settings = SlowModeMetadynamicsSettings(modes=2, frequency=25, height=2.0, student=True, studentSteps=200,
+                                            biasStride=5)
+    summary = runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path), 0.004,
+                                      settings=settings, platform="Reference", progress=False)
+    assert summary["frames"] == 40 and summary["frame_interval_ps"] == pytest.approx(0.1)
+    assert set(summary["student_report"]) >= {"value_rms", "gradient_relative"}
+    cv = np.loadtxt(tmp_path / "cv.txt")
+    assert cv.shape == (80, 6) and np.all(np.diff(cv[:, 0]) == 5)  # a hill every 5 outer steps of 10 fs
+
+
+def test_metad_cli_refuses_a_stride_that_does_not_divide_the_hill_frequency(ala2_model, tmp_path, capsys):
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--frequency",
+                 "50", "--bias-stride", "4", "--out", str(tmp_path)]) == 2
+    assert "--bias-stride" in capsys.readouterr().err
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--naive",
+                 "--student", "--out", str(tmp_path)]) == 2
+    assert "--naive" in capsys.readouterr().err

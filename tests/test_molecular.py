@@ -313,6 +313,54 @@ def test_the_reference_structure_does_not_depend_on_broken_molecules(ala2_data):
     np.testing.assert_allclose((v @ v.T).numpy(), (u @ u.T).numpy(), atol=1e-9)
 
 
+def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
+    """The SVD-free rotation that exported CVs use on a GPU (graph-capturable) gives the Kabsch alignment and the
+    same forces; float32 within rounding."""
+    x = torch.as_tensor(ala2_data.positions[::25])
+    masses = torch.as_tensor(ala2_data.masses)
+    reference = kabsch_align(x[0], x[0], masses)
+    generator = torch.Generator().manual_seed(5)
+    rotations = torch.linalg.qr(torch.randn(len(x), 3, 3, generator=generator, dtype=torch.float64))[0]
+    rotations = rotations * torch.sign(torch.linalg.det(rotations))[:, None, None]  # proper rotations
+    moved = (x @ rotations + torch.randn(len(x), 1, 3, generator=generator, dtype=torch.float64)).requires_grad_()
+    scripted = torch.jit.script(kabsch_align)  # the exported CVs run it as TorchScript
+    exact, iterative = (scripted(moved, reference, masses, iterative=flag) for flag in (False, True))
+    assert (exact - iterative).abs().max() < 1e-12
+    probe = torch.randn(exact.shape, generator=generator, dtype=torch.float64)
+    gradients = [torch.autograd.grad((aligned * probe).sum(), moved, retain_graph=True)[0]
+                 for aligned in (exact, iterative)]
+    assert (gradients[0] - gradients[1]).abs().max() < 1e-10
+    single = kabsch_align(moved.detach().float(), reference.float(), masses.float(), iterative=True)
+    assert (single.double() - exact.detach()).abs().max() < 1e-5
+
+
+class _AlignedProbe(torch.nn.Module):
+    def __init__(self, reference, masses, probe):
+        super().__init__()
+        self.register_buffer("reference", reference)
+        self.register_buffer("masses", masses)
+        self.register_buffer("probe", probe)
+
+    def forward(self, x: torch.Tensor, iterative: bool) -> torch.Tensor:
+        return (kabsch_align(x, self.reference, self.masses, iterative) * self.probe).sum()
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_alignment_gradient_survives_freezing(ala2_data, iterative):
+    """TorchForce freezes the module (torch.jit.freeze drops detach); the forces must not change."""
+    x = torch.as_tensor(ala2_data.positions[7])
+    masses = torch.as_tensor(ala2_data.masses)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    module = _AlignedProbe(torch.as_tensor(ala2_data.positions[0]), masses, probe)
+    frozen = torch.jit.freeze(torch.jit.script(module).eval())
+    gradients = []
+    for function in (module, frozen, frozen, frozen):  # the profiling executor optimises after a few calls
+        moved = x.clone().requires_grad_(True)
+        gradients.append(torch.autograd.grad(function(moved, iterative), moved)[0])
+    for gradient in gradients[1:]:
+        assert (gradient - gradients[0]).abs().max() < 1e-10
+
+
 def test_kabsch_never_reflects_a_mirror_image(ala2_model, ala2_data):
     frame = ala2_model.model.frame
     x = torch.as_tensor(ala2_data.positions[::50])

@@ -1,7 +1,7 @@
 """``nct export``: write the slow modes of a model as a TorchScript collective variable."""
 import torch
 
-from nct_openmm.export import export_slow_modes
+from nct_openmm.export import export_slow_modes, export_student
 from nct_openmm.slowmodes import SlowModeModel
 
 
@@ -14,12 +14,21 @@ def add_parser(subparsers):
     parser.add_argument("--modes", type=int, default=2, help="number of slow modes (default: 2)")
     parser.add_argument("--out", required=True, help="TorchScript file to write")
     parser.add_argument("--double", action="store_true", help="compute in float64 (default: float32)")
+    parser.add_argument("--student", action="store_true",
+                        help="export a small network distilled from the flow (fast at MD time; prints its errors)")
     parser.set_defaults(func=run)
 
 
 def run(args):
     model = SlowModeModel.load(args.model)
-    export_slow_modes(model, args.out, args.modes, torch.float64 if args.double else torch.float32)
+    dtype = torch.float64 if args.double else torch.float32
+    if args.student:
+        report = export_student(model, args.out, args.modes, dtype)
+        print(f"distilled student: rms error {report['value_rms_thermal']:.3f} (thermal), {report['value_rms']:.3f} "
+              f"(slow modes spread x{report['spread']:g}) mode units; gradient error "
+              f"{100 * report['gradient_relative']:.1f} %")
+    else:
+        export_slow_modes(model, args.out, args.modes, dtype)
     print(f"wrote {args.out}: {args.modes} slowest modes of {args.model} "
           f"(ω = {', '.join(f'{w:.3g}' for w in model.frequencies[:args.modes])} 1/ps)")
     return 0

@@ -26,6 +26,12 @@ def add_parser(subparsers):
     parser.add_argument("--frequency", type=int, default=250, help="steps between hills (default: 250)")
     parser.add_argument("--naive", action="store_true",
                         help="use openmm.app.Metadynamics with one TorchForce per mode (for comparison)")
+    parser.add_argument("--student", action="store_true",
+                        help="bias through a small network distilled from the flow (faster; its errors are reported)")
+    parser.add_argument("--student-steps", type=int, default=6000,
+                        help="distillation steps of --student (default: 6000, about 3 min on one core)")
+    parser.add_argument("--bias-stride", type=int, default=1,
+                        help="apply the bias every n-th 2-fs step by multiple time stepping (default: 1)")
     parser.add_argument("--platform", help="OpenMM platform (default: the fastest available)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -36,10 +42,17 @@ def run(args):
     getPlatform(args.platform)  # fail on a bad platform before anything slow
     if not 1 <= args.modes <= 3:
         raise CommandError(f"--modes must be 1, 2 or 3, got {args.modes}")
+    if args.bias_stride < 1 or args.frequency % args.bias_stride:
+        raise CommandError(f"--bias-stride must be a positive divisor of --frequency ({args.frequency}), "
+                           f"got {args.bias_stride}")
+    if args.naive and (args.student or args.bias_stride > 1):
+        raise CommandError("--naive runs the plain comparison; it takes neither --student nor --bias-stride")
     model = SlowModeModel.load(args.model)
     molecularSystem = _molecularSystem(args)
     settings = SlowModeMetadynamicsSettings(modes=args.modes, biasFactor=args.bias_factor, height=args.height,
-                                            width=args.width, frequency=args.frequency, naive=args.naive)
+                                            width=args.width, frequency=args.frequency, naive=args.naive,
+                                            student=args.student, studentSteps=args.student_steps,
+                                            biasStride=args.bias_stride)
     summary = runSlowModeMetadynamics(model, molecularSystem, args.out, args.ns, args.temperature, settings,
                                       args.platform, args.seed, progress=not args.no_progress)
     print(f"{summary['ns']:g} ns of metadynamics on {args.modes} slow modes at {summary['ns_per_day']:.1f} ns/day "
