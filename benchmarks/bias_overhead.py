@@ -86,7 +86,7 @@ MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8}
 def main(argv=None):
     options = _parseArguments(argv)
     if options.quick:
-        options.steps, options.rounds, options.min_seconds = 40, 2, 0.2
+        options.steps, options.rounds, options.min_seconds, options.student_steps = 40, 2, 0.2, 20
         options.systems = options.systems or ["ala2-vacuum"]
         options.accuracy_build_ps, options.accuracy_ps = 1.0, 1.0
     options.systems = options.systems or ["ala2-implicit"]
@@ -144,6 +144,8 @@ def _parseArguments(argv):
     parser.add_argument("--accuracy-ps", type=float, default=40.0,
                         help="ps of each fixed-bias sampling run (default 40)")
     parser.add_argument("--accuracy-json", metavar="PATH", help="write the MTS-accuracy results as JSON")
+    parser.add_argument("--accuracy-cv", choices=("flow", "student"), default="flow",
+                        help="CV of the MTS-accuracy runs: the flow, or a student distilled with default settings")
     return parser.parse_args(argv)
 
 
@@ -258,7 +260,8 @@ def buildVariants(model, systemName, platform, options, names):
             dtype = torch.float64 if name == "nct-float64" else torch.float32
             key = "student" if name.startswith("student") else dtype
             if key not in modules:
-                modules[key] = (student_module(model, MODES, steps=options.student_steps, progress=False)[0]
+                modules[key] = (student_module(model, MODES, steps=options.student_steps, samples=8192,
+                                               progress=False)[0]
                                 if key == "student" else slow_mode_module(model, MODES, dtype))
             meta = LatentMetadynamics(system, modules[key], [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin,
                                       BIAS_FACTOR, HEIGHT * unit.kilojoule_per_mole, _hillFrequency(stride),
@@ -444,7 +447,10 @@ def measureMtsAccuracy(model, options):
     molecule = builtinSystem("ala2-vacuum")
     platformName = options.platforms[0]
     platform = _platformFor(platformName, "ala2-vacuum")
-    module = slow_mode_module(model, MODES, torch.float32)
+    if options.accuracy_cv == "student":
+        module, report = student_module(model, MODES, progress=False)
+    else:
+        module, report = slow_mode_module(model, MODES, torch.float32), None
     start = _minimizedPositions(molecule, platform, options)
     runs = []
     with tempfile.TemporaryDirectory(prefix="nct-mts-accuracy-") as folder:
@@ -481,7 +487,7 @@ def measureMtsAccuracy(model, options):
     return {"system": "ala2-vacuum", "platform": platform.getName(), "temperature_k": TEMPERATURE,
             "bias_build_ps": options.accuracy_build_ps, "bias_hills": hills, "bias_max_kj_mol": maxBias,
             "bias_build_seconds": buildSeconds, "sample_ps": options.accuracy_ps, "sample_interval_ps": SAMPLE_PS,
-            "friction_per_ps": FRICTION, "runs": results}
+            "friction_per_ps": FRICTION, "cv": options.accuracy_cv, "student_report": report, "runs": results}
 
 
 def _innerSteps(ps):
@@ -584,7 +590,7 @@ def _profileRms(reference, other, mode, bins=10, minimumCount=10):
 def printAccuracy(accuracy):
     print()
     print(f"MTS accuracy, fixed bias ({accuracy['bias_hills']} hills from {accuracy['bias_build_ps']:g} ps of "
-          f"metadynamics, max {accuracy['bias_max_kj_mol']:.1f} kJ/mol), {accuracy['system']}, "
+          f"metadynamics, max {accuracy['bias_max_kj_mol']:.1f} kJ/mol), CV: {accuracy['cv']}, {accuracy['system']}, "
           f"{accuracy['platform']}, {accuracy['sample_ps']:g} ps per run, friction {accuracy['friction_per_ps']:g}/ps")
     print(f"{'run':>22} {'outer fs':>8} {'T_kin K':>8} {'<V> kJ/mol':>16} {'<s0>':>7} {'<s1>':>7} "
           f"{'F(s0), F(s1) rms':>18} {'wall s':>7}")

@@ -37,7 +37,7 @@ def test_bias_overhead_quick(tmp_path, restoredTorchState):
     rows = json.loads(path.read_text())
     assert isinstance(rows, list)
     variants = {row["variant"] for row in rows}
-    assert {"plain", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64"} <= variants
+    assert {"plain", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8"} <= variants
     for row in rows:
         assert {"platform", "system", "variant", "ns_per_day", "ratio_to_plain"} <= set(row)
         assert row["ns_per_day"] > 0 and math.isfinite(row["ns_per_day"])
