@@ -604,6 +604,13 @@ def test_nct_export_cli_writes_a_loadable_file(ala2_model, ala2_traj, tmp_path, 
                                evaluate(slow_mode_module(ala2_model.model, 2, torch.float64), positions.double()),
                                rtol=0, atol=1e-12)
     capsys.readouterr()
+
+    assert main(["export", ala2_model.path, "--modes", "2", "--student", "--student-steps", "30", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "distilled student: rms error" in printed and f"wrote {out}" in printed
+    student = torch.jit.load(out)
+    assert student.num_modes == 2 and student.student_report["steps"] == 30
+    assert evaluate(student, positions).shape == (2, 2)
     assert main(["export", ala2_model.path, "--modes", "25", "--out", out]) == 2
     assert "modes must be between 1 and 24" in one_line_error(capsys, "export")
 
