@@ -17,9 +17,10 @@ Variants, all on the same system and platform, built once and timed in turns ins
 - ``nct-mts4`` / ``nct-mts8``: the same force in its own group, applied every 4th / 8th inner step by
   ``openmm.MTSLangevinIntegrator`` (outer step 8 / 16 fs);
 - ``nct-float64``: ``nct`` with the CV model exported in float64 instead of float32;
-- ``student`` / ``student-mts8``: ``nct`` / ``nct-mts8`` with a small network distilled from the flow
-  (:func:`nct_openmm.export.student_module`, 2 hidden layers of 128) as the CV. Distilled here with few steps
-  (``--student-steps``): its cost per evaluation does not depend on how well it is fitted;
+- ``student`` / ``student-mts8`` (and ``student-mts16``, not run by default; needs ``--steps`` a multiple of 16):
+  ``nct`` / ``nct-mts8`` with a small network distilled from the flow (:func:`nct_openmm.export.student_module`,
+  2 hidden layers of 128) as the CV. Distilled here with few steps (``--student-steps``): its cost per evaluation
+  does not depend on how well it is fitted;
 - ``floor`` / ``floor-mts8`` (not run by default): a ``TorchForce`` whose model is one small sum of squares of the
   CV atoms' positions, every step / every 8th step: the cost of openmm-torch itself, a floor that no CV model
   evaluated through a ``TorchForce`` can beat.
@@ -31,8 +32,8 @@ one round of one variant rather than the whole comparison.
 
 ``--mts-accuracy`` adds a separate measurement of what applying the bias less often costs in accuracy: a bias is
 grown once (stride 1) on alanine dipeptide in vacuum, then held fixed while runs of equal simulated length with the
-bias applied every 1st, 2nd, 4th and 8th step sample it (two seeds each; the second stride-1 seed gives the noise
-floor). Runs that blow up are reported as such.
+bias applied every 1st, 2nd, 4th, 8th and 16th step sample it (two seeds each; the second stride-1 seed gives the
+noise floor). Runs that blow up are reported as such.
 
 Usage::
 
@@ -78,9 +79,9 @@ MODES = 2
 RANGE, WIDTH, BIAS_FACTOR, HEIGHT = (-4.0, 4.0), 0.3, 6.0, 1.0
 HILL_PS = 1.0
 VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8",
-            "floor", "floor-mts8")
+            "floor", "floor-mts8", "student-mts16")
 DEFAULT_VARIANTS = VARIANTS[:9]
-MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8}
+MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8, "student-mts16": 16}
 
 
 def main(argv=None):
@@ -90,8 +91,10 @@ def main(argv=None):
         options.systems = options.systems or ["ala2-vacuum"]
         options.accuracy_build_ps, options.accuracy_ps = 1.0, 1.0
     options.systems = options.systems or ["ala2-implicit"]
-    if options.steps % 8 or options.steps < 8:
-        raise SystemExit(f"--steps must be a positive multiple of 8 (the largest MTS stride), got {options.steps}")
+    largest = max(MTS_STRIDES.get(name, 1) for name in options.variants)
+    if options.steps % largest or options.steps < largest:
+        raise SystemExit(f"--steps must be a positive multiple of {largest} (the largest MTS stride of the variants), "
+                         f"got {options.steps}")
     with _torchThreads(options.torch_threads):
         model = loadModel(options.model)
         rows = []
@@ -430,14 +433,15 @@ ACCURACY_HEIGHT = 2.0
 SAMPLE_PS = 0.1
 #: (label, stride, seed); the first is the reference, the second its noise floor.
 ACCURACY_RUNS = (("stride 1", 1, 1), ("stride 1, seed 2", 1, 2), ("stride 2", 2, 1), ("stride 2, seed 2", 2, 2),
-                 ("stride 4", 4, 1), ("stride 4, seed 2", 4, 2), ("stride 8", 8, 1), ("stride 8, seed 2", 8, 2))
+                 ("stride 4", 4, 1), ("stride 4, seed 2", 4, 2), ("stride 8", 8, 1), ("stride 8, seed 2", 8, 2),
+                 ("stride 16", 16, 1), ("stride 16, seed 2", 16, 2))
 #: A mode beyond this many standard deviations (or a non-finite one) ends a run as blown up: the molecule is torn.
 BLOWN_UP = 50.0
 
 
 def measureMtsAccuracy(model, options):
-    """Fixed-bias runs of equal simulated length with the bias applied every 1st, 2nd, 4th, 8th step (ala2 vacuum),
-    two seeds each (:data:`ACCURACY_RUNS`).
+    """Fixed-bias runs of equal simulated length with the bias applied every 1st, 2nd, 4th, 8th, 16th step (ala2
+    vacuum), two seeds each (:data:`ACCURACY_RUNS`).
 
     Returns a dict with the settings and one entry per run: the kinetic temperature, ⟨V⟩ with a block error, the
     mode means, the RMS
@@ -491,7 +495,7 @@ def measureMtsAccuracy(model, options):
 
 
 def _innerSteps(ps):
-    return max(8, int(round(ps / STEP_PS / 8)) * 8)
+    return max(16, int(round(ps / STEP_PS / 16)) * 16)
 
 
 def _gridPoints(meta):
