@@ -244,22 +244,18 @@ def buildVariants(model, systemName, platform, options, names):
     for name in names:
         system = openmm.XmlSerializer.clone(molecule.system)
         stride = MTS_STRIDES.get(name, 1)
-        if name in ("plain", "plain-mts"):
-            advance = None
-        elif name.startswith("floor"):
-            group = max(force.getForceGroup() for force in system.getForces()) + 1
+        advance, biasGroup = None, None  # plain and plain-mts stay so
+        if name.startswith("floor"):
+            biasGroup = max(force.getForceGroup() for force in system.getForces()) + 1
             system.addForce(createTorchForce(FloorModel(HEAVY_ATOMS), periodic=periodic, cudaGraphs=cudaGraphs,
-                                             forceGroup=group))
-            meta = argparse.Namespace(forceGroup=group)
-            advance = None
+                                             forceGroup=biasGroup))
         elif name == "naive":
             variables = slowModeBiasVariables(modules[torch.float32], list(range(MODES)), [RANGE] * MODES,
                                               WIDTH, padding=0.0, gridWidth=_gridNodes(), periodic=periodic,
                                               cudaGraphs=cudaGraphs)
-            meta = app.Metadynamics(system, variables, TEMPERATURE * unit.kelvin, BIAS_FACTOR,
-                                    HEIGHT * unit.kilojoule_per_mole, _hillFrequency(1))
-            advance = _BoundStepper(meta)
-        else:
+            advance = _BoundStepper(app.Metadynamics(system, variables, TEMPERATURE * unit.kelvin, BIAS_FACTOR,
+                                                     HEIGHT * unit.kilojoule_per_mole, _hillFrequency(1)))
+        elif name.startswith(("nct", "student")):
             dtype = torch.float64 if name == "nct-float64" else torch.float32
             key = "student" if name.startswith("student") else dtype
             if key not in modules:
@@ -269,11 +265,11 @@ def buildVariants(model, systemName, platform, options, names):
             meta = LatentMetadynamics(system, modules[key], [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin,
                                       BIAS_FACTOR, HEIGHT * unit.kilojoule_per_mole, _hillFrequency(stride),
                                       gridWidth=_gridNodes(), periodic=periodic, cudaGraphs=cudaGraphs)
-            advance = _BoundStepper(meta)
+            advance, biasGroup = _BoundStepper(meta), meta.forceGroup
         if name == "plain-mts":
             integrator = _integrator(system, 1, None, mts=True)
         else:
-            integrator = _integrator(system, stride, None if stride == 1 else meta.forceGroup)
+            integrator = _integrator(system, stride, None if stride == 1 else biasGroup)
         simulation = app.Simulation(molecule.topology, system, integrator, platform, _properties(platform, options))
         simulation.context.setPositions(start)
         simulation.context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, 1)

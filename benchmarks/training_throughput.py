@@ -380,8 +380,7 @@ def makeLearners(config, q, seed, allVariants=False):
         graphed = model_from_data(config, q.cpu()).to(device).train()
         learners.append(GraphLearner("ours+graph", graphed, _likelihoodLoss(_oursNll(graphed), q), seed))
     if allVariants:
-        halfWidth = referenceFrom(ours.cpu(), fullWidth=False).train().to(device)
-        ours.to(device)
+        halfWidth = referenceFrom(ours, fullWidth=False).train()
         learners.append(Learner("reference+half-width", halfWidth, _likelihoodLoss(halfWidth.nll, q), seed,
                                 flushDenormals=False))
         linearConfig = FlowConfig(**{**config.__dict__, "linear_point": True})

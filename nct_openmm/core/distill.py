@@ -10,6 +10,7 @@ metadynamics drives the system far along them.
 
 Examples
 --------
+>>> from nct_openmm.core import FlowConfig, NCTModel
 >>> model = NCTModel(FlowConfig(dim=4, n_couplings=2, hidden=8))
 >>> student, report = fit_student(model, modes=2, hidden=16, steps=50, samples=2048, progress=False)
 >>> student(torch.zeros(1, 4)).shape
@@ -23,7 +24,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from .layers import AffinePoint
+from .layers import AffinePoint, mlp
 from .model import NCTModel
 
 
@@ -56,13 +57,9 @@ class Student(nn.Module):
     def __init__(self, pre: AffinePoint, modes: int, hidden: int = 128, depth: int = 2):
         super().__init__()
         self.pre = copy.deepcopy(pre).requires_grad_(False)
-        sizes = [pre.shift.numel()] + [hidden] * depth
-        layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), nn.SiLU()]
-        layers.append(nn.Linear(sizes[-1], modes))
-        self.net = nn.Sequential(*layers)
-        self.modes, self.hidden, self.depth = modes, hidden, depth
+        # Not zero-initialised like a coupling's: the student has no identity to start from.
+        self.net = mlp(pre.shift.numel(), modes, hidden, depth, zero_output=False)
+        self.modes = modes
 
     def forward(self, q: Tensor) -> Tensor:
         return self.net(self.pre(q))
@@ -108,8 +105,8 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
     student = Student(model.layers[0], modes, hidden, depth)
     student.net.to(y.dtype)
     _train_student(student.net, train, steps, batch, gradient_weight, lr, generator, progress)
-    report = _report(student.net, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal, samples, steps,
-                     spread)
+    report = _report(student.net, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal,
+                     dict(samples=samples, steps=steps, spread=spread, hidden=hidden, depth=depth))
     return student.float().eval(), report
 
 
@@ -124,7 +121,6 @@ def _teacher_samples(model: NCTModel, modes: int, n: int, spread: float, generat
     with torch.no_grad():
         q = teacher.inverse_transform(Q)
         y = teacher.layers[0](q)
-    y.requires_grad_(True)
     rest = teacher.layers[1:]
 
     def modes_of(y_batch):
@@ -140,7 +136,7 @@ def _teacher_samples(model: NCTModel, modes: int, n: int, spread: float, generat
         rows = [torch.autograd.grad(eps[:, k].sum(), chunk, retain_graph=k + 1 < modes)[0] for k in range(modes)]
         targets.append(eps.detach())
         gradients.append(torch.stack(rows, dim=1))
-    return y.detach(), torch.cat(targets), torch.cat(gradients)
+    return y, torch.cat(targets), torch.cat(gradients)
 
 
 def _sobolev_terms(net: nn.Module, y: Tensor, targets: Tensor, gradients: Tensor, create_graph: bool):
@@ -170,29 +166,14 @@ def _train_student(net, data, steps, batch, gradient_weight, lr, generator, prog
         schedule.step()
 
 
-def _report(net, held_out, thermal, samples, steps, spread) -> StudentReport:
+def _report(net, held_out, thermal, settings: dict) -> StudentReport:
     value_error, gradient_error = (t.detach() for t in _sobolev_terms(net, *held_out, create_graph=False))
     thermal_error = _sobolev_terms(net, *thermal, create_graph=False)[0].detach()
     gradient_norm = held_out[2].pow(2).sum((1, 2)).mean()
-    layers = [m for m in net if isinstance(m, nn.Linear)]
     return StudentReport(
         value_rms=float(value_error.pow(2).mean().sqrt()), value_max=float(value_error.abs().max()),
         value_rms_thermal=float(thermal_error.pow(2).mean().sqrt()),
-        gradient_relative=float(math.sqrt(gradient_error.pow(2).sum((1, 2)).mean() / gradient_norm)),
-        samples=samples, steps=steps, spread=spread, hidden=layers[0].out_features,
-        depth=len(layers) - 1)
+        gradient_relative=float(math.sqrt(gradient_error.pow(2).sum((1, 2)).mean() / gradient_norm)), **settings)
 
 
-def student_from_state(state: dict, pre: AffinePoint) -> Student:
-    """Rebuild a student saved as ``{"modes", "hidden", "depth", "state_dict"}``."""
-    student = Student(pre, state["modes"], state["hidden"], state["depth"])
-    student.load_state_dict(state["state_dict"])
-    return student.eval()
-
-
-def student_state(student: Student) -> dict:
-    return {"modes": student.modes, "hidden": student.hidden, "depth": student.depth,
-            "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()}}
-
-
-__all__ = ["Student", "StudentReport", "fit_student", "student_from_state", "student_state"]
+__all__ = ["Student", "StudentReport", "fit_student"]

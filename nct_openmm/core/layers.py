@@ -108,8 +108,9 @@ class LinearPoint(PointLayer):
         return Q @ backward, P @ forward.T
 
 
-def mlp(n_in: int, n_out: int, hidden: int, depth: int) -> nn.Sequential:
-    """A smooth MLP (SiLU) whose last layer starts at zero, so that a coupling starts as the identity.
+def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True) -> nn.Sequential:
+    """A smooth MLP (SiLU) whose last layer starts at zero (``zero_output``), so that a coupling starts as the
+    identity.
 
     Smoothness matters twice: forces are gradients of the CV, and training through the momenta differentiates the
     network twice.
@@ -119,8 +120,9 @@ def mlp(n_in: int, n_out: int, hidden: int, depth: int) -> nn.Sequential:
     for a, b in zip(sizes[:-1], sizes[1:]):
         modules += [nn.Linear(a, b), nn.SiLU()]
     last = nn.Linear(sizes[-1], n_out)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    if zero_output:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
     modules.append(last)
     return nn.Sequential(*modules)
 

@@ -103,7 +103,8 @@ class CapturedStep:
     >>> model = torch.nn.Linear(4, 1).cuda()  # doctest: +SKIP
     >>> optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device="cuda"),
     ...                              capturable=True)  # doctest: +SKIP
-    >>> step = CapturedStep(lambda: model(torch.randn(64, 4, device="cuda")).pow(2).mean(), optimizer)
+    >>> step = CapturedStep(lambda: model(torch.randn(64, 4, device="cuda")).pow(2).mean(),
+    ...                     optimizer)  # doctest: +SKIP
     >>> losses = [step() for _ in range(100)]  # doctest: +SKIP
     """
 
@@ -372,14 +373,11 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
         if generator is None:
             # Replayed from a CUDA graph: batches drawn on the device, with replacement, instead of epochs.
             idx = torch.randint(len(q), (batch_size,), device=q.device)
-            qb = q[idx]
-            pb = augment_momenta(qb, masses, kT)
-            return negative_log_likelihood(model, qb, pb, None if weights is None else weights[idx],
-                                           create_graph=True)
-        if order["pos"] + batch_size > len(order["perm"]):
-            order["perm"], order["pos"] = torch.randperm(len(q), generator=generator, device=q.device), 0
-        idx = order["perm"][order["pos"]: order["pos"] + batch_size]
-        order["pos"] += batch_size
+        else:
+            if order["pos"] + batch_size > len(order["perm"]):
+                order["perm"], order["pos"] = torch.randperm(len(q), generator=generator, device=q.device), 0
+            idx = order["perm"][order["pos"]: order["pos"] + batch_size]
+            order["pos"] += batch_size
         qb = q[idx]
         pb = augment_momenta(qb, masses, kT, generator)
         return negative_log_likelihood(model, qb, pb, None if weights is None else weights[idx], create_graph=True)
