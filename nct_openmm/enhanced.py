@@ -143,9 +143,9 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         torch.set_num_threads(settings.torchThreads)
     temperature = float(model.temperature if temperature is None else temperature)
     checkModelForSystem(model, molecularSystem, temperature)
-    if settings.frequency % settings.biasStride:
-        raise ValueError(f"the hill frequency ({settings.frequency} steps) must be a multiple of the bias stride "
-                         f"({settings.biasStride})")
+    if settings.biasStride < 1 or settings.frequency % settings.biasStride:
+        raise ValueError(f"the bias stride must be a positive divisor of the hill frequency ({settings.frequency} "
+                         f"steps), got {settings.biasStride}")
     studentReport = None
     if settings.student:
         cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress)

@@ -42,9 +42,11 @@ def test_an_untrained_student_is_far_from_the_flow():
     assert report.value_rms_thermal > 0.1
 
 
-def test_bad_modes_are_refused():
+def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="modes"):
         fit_student(_curved_flow(), modes=9, steps=1, samples=64, progress=False)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        fit_student(_curved_flow(), modes=2, steps=0, samples=64, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,15 @@ def test_student_cv_with_multiple_time_stepping(ala2_model, tmp_path):
     assert cv.shape == (80, 6) and np.all(np.diff(cv[:, 0]) == 5)  # a hill every 5 outer steps of 10 fs
 
 
+@pytest.mark.parametrize("stride", [0, 3])
+def test_a_bad_bias_stride_is_refused_before_anything_runs(ala2_model, tmp_path, stride):
+    settings = SlowModeMetadynamicsSettings(frequency=20, biasStride=stride)
+    with pytest.raises(ValueError, match="positive divisor of the hill frequency"):
+        runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path / "run"), 0.001,
+                                settings=settings, platform="Reference", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_metad_cli_refuses_a_stride_that_does_not_divide_the_hill_frequency(ala2_model, tmp_path, capsys):
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--frequency",
                  "50", "--bias-stride", "4", "--out", str(tmp_path)]) == 2

@@ -96,6 +96,9 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
         raise ValueError("a student needs a point transformation whose first layer is the whitening map")
     if not 1 <= modes <= model.dim:
         raise ValueError(f"modes must be between 1 and {model.dim}, got {modes}")
+    if steps < 1 or samples < 12:
+        raise ValueError(f"a student needs at least 1 step and 12 samples (a sixth held out), got {steps} and "
+                         f"{samples}")
     generator = torch.Generator().manual_seed(seed)
     y, targets, gradients = _teacher_samples(model, modes, samples, spread, generator)
     thermal = _teacher_samples(model, modes, max(1024, samples // 8), 1.0, generator)
