@@ -36,8 +36,9 @@ backward on the Reference platform: 52–62 µs per sample with the raw-array re
 ``setPositions`` + ``getState`` pair took 17–35 µs in quieter moments), against 120–230 µs through the unit-wrapped
 public ``State`` accessors (wrapping the force array in a ``Quantity`` alone costs ~50 µs). The CPU
 platform (1 thread) takes ~220 µs: it only pays off for thousands of atoms (see STACK.md). A 128-sample step on
-alanine dipeptide thus spends ~5 ms in OpenMM, while a flow of 4 couplings × 64 hidden units takes ~30–60 ms for its
-own forward and double backward: for small molecules the force field is not the bottleneck. Small flows run many
+alanine dipeptide thus spends ~5 ms in OpenMM, while a flow of 4 couplings × 64 hidden units took ~30–60 ms for its
+own forward and double backward (measured before the closed-form cotangent lift made steps ~1.5× faster): for small
+molecules the force field is not the bottleneck. Small flows run many
 times faster with ``torch.set_num_threads(1)`` on 2 shared cores. :attr:`OpenMMEnergy.microsecondsPerSample`
 reports the cost measured in a run.
 """
@@ -366,8 +367,8 @@ def path_gradient_loss(model: NCTModel, shadow: NCTModel, hamiltonian, n: int,
     """
     shadow.load_state_dict(model.state_dict())
     Q, P = model.prior.sample(n, generator)
-    q, p = model.decode(Q, P, create_graph=True)
-    return (shadow.log_prob(q, p, create_graph=True) + hamiltonian(q, p)).mean()
+    q, p = model.decode(Q, P)
+    return (shadow.log_prob(q, p) + hamiltonian(q, p)).mean()
 
 
 def fit_variational_path(model: NCTModel, hamiltonian, *, batch_size: int = 256, max_steps: int = 2000,
@@ -387,7 +388,7 @@ def fit_variational_path(model: NCTModel, hamiltonian, *, batch_size: int = 256,
     def evaluate_fn():
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            return float(variational_loss(model, hamiltonian, eval_batch, 1.0, generator, create_graph=False))
+            return float(variational_loss(model, hamiltonian, eval_batch, 1.0, generator))
 
     trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every, patience=patience, seed=seed,
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,

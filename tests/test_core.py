@@ -1,12 +1,15 @@
 """Physics of the flow core: bijectivity, the symplectic condition, unit Jacobian, the cotangent lift, the prior,
 and the persistence of models and training."""
+import doctest
 import math
 
 import pytest
 import torch
 
 from nct_openmm.core import (AffineCoupling, AffinePoint, FlowConfig, LinearPoint, LinearSymplectic, ModelFileError,
-                             NCTModel, coupling_masks, fit_likelihood, fit_variational, model_from_data)
+                             NCTModel, coupling_masks, fit_likelihood, fit_variational, model_from_data,
+                             negative_log_likelihood, variational_loss)
+from nct_openmm.core import layers, linear, model as model_module, prior, training
 from nct_openmm.core.serialization import save_payload
 
 DIM = 6
@@ -48,11 +51,11 @@ def phase_space_map(layer_or_model):
     def f(x):
         q, p = x[:DIM][None], x[DIM:][None]
         if isinstance(layer_or_model, NCTModel):
-            Q, P = layer_or_model.encode(q, p, create_graph=True)
+            Q, P = layer_or_model.encode(q, p)
         elif isinstance(layer_or_model, LinearSymplectic):
             Q, P = layer_or_model(q, p)
         else:
-            Q, P = layer_or_model.forward_with_momentum(q, p, create_graph=True)
+            Q, P = layer_or_model.forward_with_momentum(q, p)
         return torch.cat([Q[0], P[0]])
     return f
 
@@ -88,8 +91,8 @@ def test_point_layer_bijective_with_momenta(name, dtype):
     layer = point_layers()[name].to(dtype)
     generator = torch.Generator().manual_seed(7)
     q, p = torch.randn(32, DIM, generator=generator).to(dtype), torch.randn(32, DIM, generator=generator).to(dtype)
-    Q, P = layer.forward_with_momentum(q, p, create_graph=False)
-    q2, p2 = layer.inverse_with_momentum(Q, P, create_graph=False)
+    Q, P = layer.forward_with_momentum(q, p)
+    q2, p2 = layer.inverse_with_momentum(Q, P)
     tol = TOLERANCE[dtype]
     assert torch.allclose(q2, q, atol=tol, rtol=tol) and torch.allclose(p2, p, atol=tol, rtol=tol)
     assert torch.allclose(layer(q), Q, atol=tol) and torch.allclose(layer.inverse(Q), q, atol=tol, rtol=tol)
@@ -119,6 +122,49 @@ def test_cotangent_lift_equals_autograd_definition():
         dq_dQ = torch.func.jacrev(lambda Q_: model.inverse_transform(Q_[None])[0])(Q[0])
         assert torch.allclose(P[0], p @ dq_dQ, atol=1e-10)
         assert torch.allclose(Q[0], model.transform(q[None])[0], atol=1e-12)
+
+
+def _parameter_gradients(model, loss):
+    return [g for g in torch.autograd.grad(loss, list(model.parameters()), allow_unused=True) if g is not None]
+
+
+def test_likelihood_gradients_equal_those_of_the_autograd_momenta():
+    """Training differentiates the closed-form cotangent lift once; the definition ``P = p ∂q/∂Q`` taken by autograd
+    (a second, inverse pass differentiated twice, the reference algorithm) must give the same parameter gradients."""
+    model = full_model()
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(16, DIM, dtype=torch.float64, generator=generator)
+    p = torch.randn(16, DIM, dtype=torch.float64, generator=generator)
+    closed_form = _parameter_gradients(model, negative_log_likelihood(model, q, p))
+    Q = model.transform(q)
+    P, = torch.autograd.grad(model.inverse_transform(Q), Q, p, create_graph=True)
+    definition = _parameter_gradients(model, -model.prior.log_prob(Q, P).mean())
+    assert len(closed_form) == len(definition) == len(list(model.parameters()))
+    for a, b in zip(closed_form, definition):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max()))
+
+
+def test_variational_gradients_equal_those_of_the_autograd_momenta():
+    """The same for decoding, ``p = P ∂Q/∂q``, inside the variational loss."""
+    model = full_model()
+
+    def hamiltonian(q, p):
+        return 0.5 * (p ** 2).sum(-1) + 0.25 * (q ** 4).sum(-1)
+
+    closed_form = _parameter_gradients(model, variational_loss(model, hamiltonian, 16, 1.0,
+                                                               torch.Generator().manual_seed(5)))
+    Q, P = model.prior.sample(16, torch.Generator().manual_seed(5))
+    q = model.inverse_transform(Q)
+    p, = torch.autograd.grad(model.transform(q), q, P, create_graph=True)
+    definition = _parameter_gradients(model, (model.prior.log_prob(Q, P) + hamiltonian(q, p)).mean())
+    for a, b in zip(closed_form, definition):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("module", [layers, linear, model_module, prior, training])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_point_transformation_latent_positions_ignore_momenta():
@@ -289,3 +335,45 @@ def test_cuda_graph_training_refuses_the_linear_layers():
     with pytest.raises(ValueError, match="matrix exponential"):
         fit_variational(model, lambda q, p: 0.5 * ((q ** 2) + (p ** 2)).sum(-1), max_steps=1, progress=False,
                         cuda_graph=True)
+
+
+@pytest.mark.slow
+def test_compiled_likelihood_training_follows_the_eager_path():
+    q = _anisotropic_data()
+    config = FlowConfig(dim=3, n_couplings=2, hidden=8)
+    histories = [fit_likelihood(model_from_data(config, q), q, max_steps=30, batch_size=100, eval_every=10,
+                                progress=False, compile_loss=compile_loss) for compile_loss in (False, True)]
+    assert len(histories[1].val_loss) == 3
+    assert histories[1].val_loss == pytest.approx(histories[0].val_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_variational_training_follows_the_eager_path():
+    def hamiltonian(q, p):
+        return 0.5 * (p ** 2).sum(-1) + 0.5 * (q ** 2 * torch.tensor([0.25, 4.0])).sum(-1)
+
+    histories = [fit_variational(NCTModel(FlowConfig(dim=2, n_couplings=2, hidden=8)), hamiltonian, max_steps=30,
+                                 batch_size=64, eval_every=10, eval_batch=256, progress=False,
+                                 compile_loss=compile_loss) for compile_loss in (False, True)]
+    assert histories[1].val_loss == pytest.approx(histories[0].val_loss, rel=1e-4)
+
+
+def test_a_failed_compilation_is_reported_before_training(monkeypatch):
+    def broken_compiler(function, **options):
+        def call(*args):
+            raise OSError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compiler)
+    q = _anisotropic_data()
+    model = model_from_data(FlowConfig(dim=3, n_couplings=1, hidden=4), q)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="compiling the training loss failed.*no C\\+\\+ compiler"):
+        fit_likelihood(model, q, max_steps=5, batch_size=100, progress=False, compile_loss=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compilation_and_cuda_graphs_are_not_combined():
+    with pytest.raises(ValueError, match="compile_loss=True and cuda_graph=True"):
+        fit_variational(NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4)), lambda q, p: (q ** 2 + p ** 2).sum(-1),
+                        max_steps=1, progress=False, compile_loss=True, cuda_graph=True)

@@ -6,13 +6,16 @@ is ``J = [[0, I], [-I, 0]]`` in this order.
 
 A point transformation ``Q = f(q)`` becomes canonical when the momenta transform as ``P = p ∂q/∂Q`` (paper Eq. 3):
 every layer here maps positions forward and inverse, and carries momenta through itself in both directions
-(``lift``: ``p ↦ P``; ``unlift``: ``P ↦ p``) with one vector–Jacobian product, never with a full Jacobian.
+(``lift``: ``p ↦ P``; ``unlift``: ``P ↦ p``) with one vector–Jacobian product, never with a full Jacobian. The
+vector–Jacobian products are written out in closed form rather than taken from autograd, so that training through the
+momenta differentiates once (an ordinary backward pass), not twice.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class PointLayer(nn.Module):
@@ -29,10 +32,10 @@ class PointLayer(nn.Module):
     def inverse(self, Q: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 
@@ -71,10 +74,10 @@ class AffinePoint(PointLayer):
     def inverse(self, Q: Tensor) -> Tensor:
         return (Q / self.scale) @ self.matrix_inverse + self.shift
 
-    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
         return self.forward(q), (p @ self.matrix_inverse.T) / self.scale
 
-    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
         return self.inverse(Q), (P * self.scale) @ self.matrix.T
 
 
@@ -99,11 +102,11 @@ class LinearPoint(PointLayer):
     def inverse(self, Q: Tensor) -> Tensor:
         return Q @ self._exp(-1.0).to(Q.dtype)
 
-    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
         forward, backward = self._exp(1.0).to(q.dtype), self._exp(-1.0).to(q.dtype)
         return q @ forward, p @ backward.T
 
-    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
         forward, backward = self._exp(1.0).to(Q.dtype), self._exp(-1.0).to(Q.dtype)
         return Q @ backward, P @ forward.T
 
@@ -112,8 +115,8 @@ def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True
     """A smooth MLP (SiLU) whose last layer starts at zero (``zero_output``), so that a coupling starts as the
     identity.
 
-    Smoothness matters twice: forces are gradients of the CV, and training through the momenta differentiates the
-    network twice.
+    Smoothness matters twice: forces are gradients of the CV, and training through the momenta (which contain the
+    network's gradient) differentiates the network twice.
     """
     sizes = [n_in] + [hidden] * depth
     modules: List[nn.Module] = []
@@ -175,39 +178,69 @@ class AffineCoupling(PointLayer):
         s, t = self._scale_shift(Qa)
         return self._assemble(Qa, (Qb - t) * torch.exp(-s))
 
-    @staticmethod
-    def _conditioner_vjp(qa: Tensor, s: Tensor, t: Tensor, qb: Tensor, Pb: Tensor, create_graph: bool) -> Tensor:
-        # (∂Q_b/∂q_a)ᵀ P_b at fixed q_b, with Q_b = q_b exp(s(q_a)) + t(q_a); q_b enters only the cotangent, so its
-        # graph (needed for parameter gradients when training) survives without a second conditioner pass.
-        grads = torch.autograd.grad([s, t], [qa], [Pb * qb * torch.exp(s), Pb], create_graph=create_graph)
-        return grads[0]
+    def _scale_shift_with_vjp(self, qa: Tensor) -> Tuple[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """``s``, ``t`` and the map ``(c_s, c_t) ↦ c_s ∂s/∂q_a + c_t ∂t/∂q_a``."""
+        out, net_vjp = mlp_with_vjp(self.net, qa)
+        tanh = torch.tanh(out[..., : self.n_transformed])
+        s = self.scale_bound * tanh
+        ds_dout = self.scale_bound - s * tanh
+        return s, out[..., self.n_transformed:], lambda c_s, c_t: net_vjp(torch.cat([c_s * ds_dout, c_t], dim=-1))
 
-    def forward_with_momentum(self, q: Tensor, p: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            qa, qb = self._split(q)
-            qa = _grad_leaf(qa)
-            pa, pb = self._split(p)
-            s, t = self._scale_shift(qa)
-            Pb = pb * torch.exp(-s)
-            Pa = pa - self._conditioner_vjp(qa, s, t, qb, Pb, create_graph)
-            Q = self._assemble(qa, qb * torch.exp(s) + t)
-        return Q, self._assemble(Pa, Pb)
+    def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
+        qa, qb = self._split(q)
+        pa, pb = self._split(p)
+        s, t, vjp = self._scale_shift_with_vjp(qa)
+        scale = torch.exp(s)
+        Pb = pb / scale
+        # (∂Q_b/∂q_a)ᵀ P_b with ∂Q_b/∂s = q_b e^s, and q_b e^s P_b = q_b p_b.
+        Pa = pa - vjp(qb * pb, Pb)
+        return self._assemble(qa, qb * scale + t), self._assemble(Pa, Pb)
 
-    def inverse_with_momentum(self, Q: Tensor, P: Tensor, create_graph: bool) -> Tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            Qa, Qb = self._split(Q)
-            Qa = _grad_leaf(Qa)
-            Pa, Pb = self._split(P)
-            s, t = self._scale_shift(Qa)
-            qb = (Qb - t) * torch.exp(-s)
-            pa = Pa + self._conditioner_vjp(Qa, s, t, qb, Pb, create_graph)
-            q = self._assemble(Qa, qb)
-        return q, self._assemble(pa, Pb * torch.exp(s))
+    def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
+        Qa, Qb = self._split(Q)
+        Pa, Pb = self._split(P)
+        s, t, vjp = self._scale_shift_with_vjp(Qa)
+        scale = torch.exp(s)
+        shifted = Qb - t  # = q_b e^s
+        pa = Pa + vjp(shifted * Pb, Pb)
+        return self._assemble(Qa, shifted / scale), self._assemble(pa, Pb * scale)
 
 
-def _grad_leaf(x: Tensor) -> Tensor:
-    """``x`` itself when it already takes part in autograd, else a detached copy that requires grad."""
-    return x if x.requires_grad else x.detach().requires_grad_(True)
+def mlp_with_vjp(net: nn.Sequential, x: Tensor) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The output of an :func:`mlp` at ``x`` and the map ``c ↦ c ∂net/∂x`` (a row cotangent per sample), in closed
+    form: the layers' transposed weights times the SiLU slopes saved on the way forward.
+
+    Examples
+    --------
+    >>> net = mlp(3, 2, hidden=8, depth=2, zero_output=False)
+    >>> x, c = torch.randn(4, 3), torch.randn(4, 2)
+    >>> out, vjp = mlp_with_vjp(net, x)
+    >>> x_ = x.clone().requires_grad_(True)
+    >>> torch.allclose(vjp(c), torch.autograd.grad(net(x_), x_, c)[0], atol=1e-6)
+    True
+    """
+    linears = [module for module in net if isinstance(module, nn.Linear)]
+    slopes = []
+    h = x
+    for linear in linears[:-1]:
+        h, slope = _silu_with_slope(F.linear(h, linear.weight, linear.bias))
+        slopes.append(slope)
+    out = F.linear(h, linears[-1].weight, linears[-1].bias)
+
+    def vjp(cotangent: Tensor) -> Tensor:
+        g = cotangent @ linears[-1].weight
+        for linear, slope in zip(reversed(linears[:-1]), reversed(slopes)):
+            g = (g * slope) @ linear.weight
+        return g
+
+    return out, vjp
+
+
+def _silu_with_slope(a: Tensor) -> Tuple[Tensor, Tensor]:
+    """``silu(a)`` and its derivative ``σ(a) + silu(a) (1 − σ(a))``, sharing one sigmoid."""
+    sigmoid = torch.sigmoid(a)
+    h = a * sigmoid
+    return h, torch.addcmul(h, sigmoid, 1.0 - h)
 
 
 def coupling_masks(dim: int, n_layers: int, kind: str = "random", seed: int = 0) -> List[Tuple[Tensor, Tensor]]:

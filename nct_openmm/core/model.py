@@ -108,25 +108,25 @@ class NCTModel(nn.Module):
             Q = layer.inverse(Q)
         return Q
 
-    def encode(self, q: Tensor, p: Tensor, create_graph: bool = False) -> Tuple[Tensor, Tensor]:
-        """Phase space to latent space, ``(Q, P) = T(q, p)``; ``create_graph`` when the result will be trained on."""
+    def encode(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
+        """Phase space to latent space, ``(Q, P) = T(q, p)`` (differentiable: train on it directly)."""
         for layer in self.layers:
-            q, p = layer.forward_with_momentum(q, p, create_graph)
+            q, p = layer.forward_with_momentum(q, p)
         if self.linear is not None:
             q, p = self.linear(q, p)
         return q, p
 
-    def decode(self, Q: Tensor, P: Tensor, create_graph: bool = False) -> Tuple[Tensor, Tensor]:
+    def decode(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
         """Latent space to phase space, ``(q, p) = T⁻¹(Q, P)``."""
         if self.linear is not None:
             Q, P = self.linear.inverse(Q, P)
         for layer in reversed(self.layers):
-            Q, P = layer.inverse_with_momentum(Q, P, create_graph)
+            Q, P = layer.inverse_with_momentum(Q, P)
         return Q, P
 
-    def log_prob(self, q: Tensor, p: Tensor, create_graph: bool = False) -> Tensor:
+    def log_prob(self, q: Tensor, p: Tensor) -> Tensor:
         """``ln ρ(q, p)`` per sample: the prior's log density at ``T(q, p)`` (the Jacobian determinant is one)."""
-        Q, P = self.encode(q, p, create_graph)
+        Q, P = self.encode(q, p)
         return self.prior.log_prob(Q, P)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
