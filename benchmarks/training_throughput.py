@@ -10,7 +10,8 @@ reference architecture: 8 RealNVP couplings with 2 hidden layers of 128 (SiLU), 
   momenta ``P = p ∂q/∂Q`` from autograd of a second, inverse pass of the whole flow, so the loss is differentiated
   twice; denormals not flushed.
 - ``ours``: :mod:`nct_openmm.core`: conditioners read the conditioning half and write the transformed half, the
-  momenta are carried through each layer by one vector–Jacobian product, denormals are flushed
+  momenta are carried through each layer by one vector–Jacobian product written out in closed form (so the loss is
+  differentiated once), the optimiser is :func:`~nct_openmm.core.flow_optimizer`'s fused Adam, denormals are flushed
   (``torch.set_flush_denormal``, as ``Trainer.fit`` does).
 - ``ours+linear``: the same with the learnable linear point layer after the couplings (the package default).
 - ``reference+half-width``: the reference's momenta (second pass, double backward) with our half-width
@@ -26,10 +27,13 @@ follow the same optimisation path and reach a given loss in the same number of s
 Sections (all timings interleaved in rounds inside one process; ratios are medians of per-round ratios):
 
 1. samples/s of a training step (loss, backward, Adam);
-2. time to a validation NLL: both trained on the same batches and momenta, evaluated on held-out frames;
-3. time to a variational free energy on the harmonic chain of ``examples/harmonic_chain.py`` (30 sites, the same
-   architecture plus the linear point layer, the reference decoding momenta as ``p = P ∂Q/∂q`` by a second pass);
-4. float32 denormals: the reference's dead weights set to 1e-39 (what long training with decoupled weight decay
+2. where a step goes (CPU): the matrix products' share, and the bound it puts on any speed-up
+   (:func:`measureMatmulFloor`);
+3. time to a validation NLL: both trained on the same batches and momenta, evaluated on held-out frames;
+4. time to the reference's final variational free energy on the harmonic chain of ``examples/harmonic_chain.py``
+   (30 sites, the same architecture plus the linear point layer, the reference decoding momenta as
+   ``p = P ∂Q/∂q`` by a second pass; ours trained as the example trains it, see :func:`measureChain`);
+5. float32 denormals: the reference's dead weights set to 1e-39 (what long training with decoupled weight decay
    does to weights that never get a gradient), a step timed with and without flushing.
 
 Usage::
@@ -42,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -58,8 +63,8 @@ from torch import nn
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
-from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, model_from_data,  # noqa: E402
-                             negative_log_likelihood, variational_loss)
+from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, fit_variational, flow_optimizer,  # noqa: E402
+                             model_from_data, negative_log_likelihood, variational_loss)
 from nct_openmm.core.training import CapturedStep  # noqa: E402
 from nct_openmm.data import thermal_energy  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
@@ -79,7 +84,7 @@ def main(argv=None):
     options = _parseArguments(argv)
     if options.quick:
         options.frames, options.rounds, options.steps = 600, 2, 3
-        options.loss_steps, options.eval_every, options.chain_steps = 20, 10, 20
+        options.loss_steps, options.eval_every, options.chain_steps, options.chain_eval_every = 20, 10, 20, 10
     with _torchState(options.threads):
         qTrain, qVal = makeData(options.frames, options.seed)
         config = FlowConfig(dim=qTrain.shape[1], seed=options.seed, linear_point=False, **ARCHITECTURE)
@@ -91,6 +96,7 @@ def main(argv=None):
         qTrain, qVal = qTrain.to(options.device), qVal.to(options.device)
         onCpu = qTrain.device.type == "cpu"
         sections = [("throughput", lambda: measureThroughput(config, qTrain, options)),
+                    ("matmul_floor", lambda: measureMatmulFloor(config, qTrain, options) if onCpu else []),
                     ("time_to_loss", lambda: measureTimeToLoss(config, qTrain, qVal, options)),
                     ("harmonic_chain", lambda: measureChain(options)),
                     ("denormals", lambda: measureDenormals(config, qTrain, options) if onCpu else []),
@@ -126,6 +132,8 @@ def _parseArguments(argv):
                         help="steps between evaluations in the time-to-loss runs (default 50)")
     parser.add_argument("--chain-steps", type=int, default=400,
                         help="variational steps of each model on the harmonic chain (default 400)")
+    parser.add_argument("--chain-eval-every", type=int, default=25,
+                        help="steps between evaluations on the harmonic chain (default 25)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -309,10 +317,10 @@ class Learner:
     same seed draw the same batches.
     """
 
-    def __init__(self, name, model, loss, seed, flushDenormals):
+    def __init__(self, name, model, loss, seed, flushDenormals, optimizer=None):
         self.name, self.model, self.loss = name, model, loss
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.flushDenormals = flushDenormals
         self.count = 0
@@ -347,8 +355,7 @@ class GraphLearner(Learner):
     def __init__(self, name, model, loss, seed):
         super().__init__(name, model, loss, seed, flushDenormals=False)
         torch.cuda.manual_seed(seed)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(LEARNING_RATE, device=self.device),
-                                          capturable=True)
+        self.optimizer = flow_optimizer(model, LEARNING_RATE, frequency_lr_factor=1.0, capturable=True)
         self.captured = CapturedStep(lambda: loss(None), self.optimizer)
 
     def step(self):
@@ -364,7 +371,14 @@ def _likelihoodLoss(nll, q):
 
 
 def _oursNll(model):
-    return lambda q, p: negative_log_likelihood(model, q, p, create_graph=True)
+    return lambda q, p: negative_log_likelihood(model, q, p)
+
+
+def _oursLearner(name, model, loss, seed):
+    """Ours as :class:`~nct_openmm.core.Trainer` trains: flushed denormals, its (fused) Adam, here at one rate for
+    all parameters so that ours and the reference follow the same optimisation path."""
+    return Learner(name, model, loss, seed, flushDenormals=True,
+                   optimizer=flow_optimizer(model, LEARNING_RATE, frequency_lr_factor=1.0))
 
 
 def makeLearners(config, q, seed, allVariants=False):
@@ -375,7 +389,7 @@ def makeLearners(config, q, seed, allVariants=False):
     reference = referenceFrom(ours).train().to(device)
     ours = ours.to(device)
     learners = [Learner("reference", reference, _likelihoodLoss(reference.nll, q), seed, flushDenormals=False),
-                Learner("ours", ours.train(), _likelihoodLoss(_oursNll(ours), q), seed, flushDenormals=True)]
+                _oursLearner("ours", ours.train(), _likelihoodLoss(_oursNll(ours), q), seed)]
     if device.type == "cuda":
         graphed = model_from_data(config, q.cpu()).to(device).train()
         learners.append(GraphLearner("ours+graph", graphed, _likelihoodLoss(_oursNll(graphed), q), seed))
@@ -385,8 +399,7 @@ def makeLearners(config, q, seed, allVariants=False):
                                 flushDenormals=False))
         linearConfig = FlowConfig(**{**config.__dict__, "linear_point": True})
         linear = model_from_data(linearConfig, q.cpu()).to(device).train()
-        learners.append(Learner("ours+linear", linear, _likelihoodLoss(_oursNll(linear), q), seed,
-                                flushDenormals=True))
+        learners.append(_oursLearner("ours+linear", linear, _likelihoodLoss(_oursNll(linear), q), seed))
     return learners
 
 
@@ -403,7 +416,7 @@ def checkEquivalence(config, q):
     qb = q[:BATCH].cpu().double()
     pb = torch.randn(qb.shape, generator=generator, dtype=torch.float64)
     ours, reference = ours.double(), reference.double()
-    lossOurs = negative_log_likelihood(ours, qb, pb, create_graph=True)
+    lossOurs = negative_log_likelihood(ours, qb, pb)
     lossOurs.backward()
     lossReference = reference.nll(qb, pb)
     lossReference.backward()
@@ -446,6 +459,32 @@ def measureThroughput(config, q, options):
     return rows
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def measureMatmulFloor(config, q, options):
+    """Per training step of the reference and of ours: wall time (interleaved rounds, not profiled), and from
+    ``torch.profiler`` the self time of the matrix products and the number of operator calls. The reference's step
+    over ours' matrix products bounds what any implementation of ours could gain on this CPU without reducing them."""
+    learners = makeLearners(config, q, options.seed)[:2]
+    perStep = _interleaved(learners, options.rounds, options.steps)
+    rows = []
+    for learner in learners:
+        torch.set_flush_denormal(learner.flushDenormals)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            for _ in range(options.steps):
+                learner.step()
+        events = profile.key_averages()
+        matmul = sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS) * 1e-3
+        calls = sum(event.count for event in events if event.key.startswith("aten::"))
+        rows.append({"variant": learner.name, "ms_per_step": 1e3 * statistics.median(perStep[learner.name]),
+                     "matmul_ms_per_step": matmul / options.steps, "ops_per_step": calls / options.steps})
+    for row in rows:
+        row["matmul_share"] = min(1.0, row["matmul_ms_per_step"] / row["ms_per_step"])
+        row["reference_over_matmul"] = rows[0]["ms_per_step"] / row["matmul_ms_per_step"]
+    return rows
+
+
 def _validationNll(learner, qVal, momenta):
     learner.model.eval()
     with torch.enable_grad():
@@ -459,38 +498,42 @@ def _validationNll(learner, qVal, momenta):
 
 def measureTimeToLoss(config, qTrain, qVal, options):
     """Both trained from the same function on the same batches; the validation NLL (fixed momenta) every
-    ``eval_every`` steps, alternating chunks. Evaluation time is not counted. See :func:`_timeToTarget`."""
+    ``eval_every`` steps, alternating chunks. Evaluation time is not counted. The target is a value both reached: the
+    worse of the two best values, plus 2 % of the improvement on the start (None when neither improved)."""
     learners = makeLearners(config, qTrain, options.seed)
     momenta = torch.randn(qVal.shape, generator=torch.Generator().manual_seed(options.seed + 7)).to(qVal.device)
-    return _timeToTarget(learners, lambda learner: _validationNll(learner, qVal, momenta), options.loss_steps,
-                         options.eval_every, "validation_nll")
+    curves = _trainAndEvaluate(learners, lambda learner: _validationNll(learner, qVal, momenta),
+                               options.loss_steps, options.eval_every)
+    start = curves["ours"][0][2]
+    target = max(min(value for _, _, value in curve[1:]) for curve in curves.values())
+    target += 0.02 * abs(start - target)
+    return _timeToTarget(curves, None if target >= start else target, "validation_nll")
 
 
-def _timeToTarget(learners, evaluate, steps, every, key):
-    """Train the learners in alternating chunks of ``every`` steps, ``evaluate(learner)`` after each, and find when
-    each first reached the target: a value both reached (the worse of the two best, plus 2 % of the improvement
-    on the start). The target is None when neither improved on the start."""
+def _trainAndEvaluate(learners, evaluate, steps, every):
+    """Train the learners in alternating chunks of ``every`` steps and ``evaluate(learner)`` after each: a curve
+    ``[(steps, training seconds, value), ...]`` per learner name, starting with the untrained value."""
     curves = {learner.name: [(0, 0.0, evaluate(learner))] for learner in learners}
     for chunk in range(max(1, steps // every)):
         order = learners if chunk % 2 == 0 else learners[::-1]
         for learner in order:
             learner.steps(every)
             curves[learner.name].append((learner.count, learner.seconds, evaluate(learner)))
-    start = curves["ours"][0][2]
-    target = max(min(value for _, _, value in curve[1:]) for curve in curves.values())
-    target += 0.02 * abs(start - target)
-    if target >= start:
-        target = None
+    return curves
+
+
+def _timeToTarget(curves, target, key, baseline="reference"):
+    """When each curve first reached ``target`` (steps, seconds), and the speed-up over ``baseline``."""
     reached = {}
     for name, curve in curves.items():
         hits = [(step, seconds) for step, seconds, value in curve[1:] if target is not None and value <= target]
         hit = hits[0] if hits else (None, None)
         reached[name] = {"steps": hit[0], "seconds": hit[1], f"final_{key}": curve[-1][2],
                          "curve": [{"step": s, "seconds": t, key: v} for s, t, v in curve]}
-    speedups = {name: reached["reference"]["seconds"] / row["seconds"]
-                for name, row in reached.items() if row["seconds"] and reached["reference"]["seconds"]}
-    return {f"initial_{key}": start, f"target_{key}": target, "speedup": speedups.get("ours"),
-            "speedups": speedups, **reached}
+    base = reached[baseline]["seconds"]
+    speedups = {name: base / row["seconds"] for name, row in reached.items() if row["seconds"] and base}
+    return {f"initial_{key}": curves[baseline][0][2], f"target_{key}": target, "baseline": baseline,
+            "variants": list(curves), "speedup": speedups.get("ours"), "speedups": speedups, **reached}
 
 
 def _loadHarmonicChain():
@@ -507,9 +550,20 @@ def _loadHarmonicChain():
 
 
 def measureChain(options):
-    """Variational time to a free energy on the harmonic chain of ``examples/harmonic_chain.py``: ``CHAIN_SITES``
-    sites, the reference architecture with the linear point layer, data-free log-spaced initial ω; both models
-    start as the same function and see the same prior draws. Evaluated on fixed draws (``CHAIN_EVAL``)."""
+    """Variational time to the reference's final free energy on the harmonic chain of
+    ``examples/harmonic_chain.py``: ``CHAIN_SITES`` sites, the reference architecture with the linear point layer,
+    data-free log-spaced initial ω, batch ``BATCH``; all start as the same function. Evaluated on fixed draws
+    (``CHAIN_EVAL``).
+
+    - ``reference``: the reference algorithm, Adam at ``LEARNING_RATE`` (as in the likelihood sections);
+    - ``reference+our-optimiser``: the same with our optimiser settings, so that they are not what makes the
+      difference;
+    - ``ours``: as the example trains: whitened prior draws and :func:`~nct_openmm.core.fit_variational`'s
+      optimiser (its default rate, ω at ten times it).
+
+    Each reference variant's final value is a target; the speed-up is the time that reference variant took to first
+    reach its final value over the time ours took to reach it.
+    """
     chain, problem = _loadHarmonicChain()
     if chain is None:
         return {"available": False, "reason": problem}
@@ -519,12 +573,16 @@ def measureChain(options):
     frequencies = torch.exp(torch.linspace(-half, half, CHAIN_SITES))
     device = torch.device(options.device)
     ours = NCTModel(config, frequencies=frequencies)
-    reference = referenceFrom(ours).to(device)
+    reference, tuned = referenceFrom(ours).to(device), referenceFrom(ours).to(device)
     ours = ours.to(device)
+    lr = inspect.signature(fit_variational).parameters["lr"].default
     learners = [Learner("reference", reference.train(), lambda g: reference.variational(hamiltonian, BATCH, g),
                         options.seed, flushDenormals=False),
-                Learner("ours", ours.train(), lambda g: variational_loss(ours, hamiltonian, BATCH, 1.0, g),
-                        options.seed, flushDenormals=True)]
+                Learner("reference+our-optimiser", tuned.train(),
+                        lambda g: tuned.variational(hamiltonian, BATCH, g), options.seed, flushDenormals=False,
+                        optimizer=flow_optimizer(tuned, lr)),
+                Learner("ours", ours.train(), lambda g: variational_loss(ours, hamiltonian, BATCH, 1.0, g, whiten=True),
+                        options.seed, flushDenormals=True, optimizer=flow_optimizer(ours, lr))]
     # No ours+graph here: the linear point layer's matrix exponential cannot be captured (Trainer refuses it).
 
     def evaluate(learner):
@@ -533,13 +591,16 @@ def measureChain(options):
         if isinstance(learner.model, ReferenceFlow):
             value = learner.model.variational(hamiltonian, CHAIN_EVAL, generator, create_graph=False)
         else:
-            value = variational_loss(learner.model, hamiltonian, CHAIN_EVAL, 1.0, generator, create_graph=False)
+            with torch.no_grad():
+                value = variational_loss(learner.model, hamiltonian, CHAIN_EVAL, 1.0, generator)
         learner.model.train()
         return value.item()
 
-    result = _timeToTarget(learners, evaluate, options.chain_steps, options.eval_every, "free_energy")
+    curves = _trainAndEvaluate(learners, evaluate, options.chain_steps, options.chain_eval_every)
+    versus = {name: _timeToTarget(curves, curves[name][-1][2], "free_energy", baseline=name)
+              for name in ("reference", "reference+our-optimiser")}
     return {"available": True, "sites": CHAIN_SITES, "exact_free_energy": float(chain.exact_free_energy(CHAIN_SITES)),
-            **result}
+            "learning_rates": {"reference": LEARNING_RATE, "ours": lr}, **versus["reference"], "versus": versus}
 
 
 def measureDenormals(config, q, options):
@@ -605,22 +666,23 @@ def printReport(result):
           f"{settings['torch_threads']} torch thread(s)")
     print(f"same function: NLL ours {equivalence['nll_ours']:.6f}, reference {equivalence['nll_reference']:.6f} "
           f"(float64; gradient of log omega differs by {equivalence['log_omega_grad_max_difference']:.1e})")
-    for key in ("throughput", "time_to_loss", "harmonic_chain", "denormals"):
+    for key in ("throughput", "matmul_floor", "time_to_loss", "harmonic_chain", "denormals"):
         if isinstance(result[key], dict) and "error" in result[key]:
             print(f"{key}: failed: {result[key]['error']}")
     print()
     if isinstance(result["throughput"], list):
         _printThroughput(result)
+    if isinstance(result["matmul_floor"], list) and result["matmul_floor"]:
+        _printMatmulFloor(result["matmul_floor"])
+        print()
     if "error" not in result["time_to_loss"]:
-        _printTimeToTarget(result["time_to_loss"], "validation_nll", "validation NLL (ala2 data)", "--loss-steps")
+        _printTimeToTarget(result["time_to_loss"], "validation_nll", "validation NLL (ala2 data)", "--loss-steps",
+                           "the worse of the two best values, plus 2 % of the improvement")
+        print()
     chain = result["harmonic_chain"]
-    print()
-    if "error" in chain:
-        return
-    if chain["available"]:
-        _printTimeToTarget(chain, "free_energy", f"variational free energy, harmonic chain of {chain['sites']} "
-                                                 f"(exact {chain['exact_free_energy']:.3f})", "--chain-steps")
-    else:
+    if "error" not in chain and chain["available"]:
+        _printChain(chain)
+    elif "error" not in chain:
         print(f"harmonic chain: examples/harmonic_chain.py not usable ({chain['reason']})")
     if not isinstance(result["denormals"], list) or not result["denormals"]:
         return
@@ -646,21 +708,38 @@ def _printThroughput(result):
     print()
 
 
-def _printTimeToTarget(section, key, what, option):
+def _printTimeToTarget(section, key, what, option, rule):
     if section[f"target_{key}"] is None:
         print(f"time to {what}: no improvement on the start ({section[f'initial_{key}']:.3f}) within the budget; "
               f"raise {option}")
     else:
-        print(f"time to {what} {section[f'target_{key}']:.3f} (start {section[f'initial_{key}']:.3f}; the worse "
-              "of the two best values, plus 2 % of the improvement)")
-    print(f"{'variant':>14} {'steps':>7} {'train s':>8} {'final':>10} {'speed-up':>9}")
-    for name in [name for name in ("reference", "ours", "ours+graph") if name in section]:
+        print(f"time to {what} {section[f'target_{key}']:.3f} (start {section[f'initial_{key}']:.3f}; {rule})")
+    print(f"{'variant':>24} {'steps':>7} {'train s':>8} {'final':>10} {'speed-up':>9}")
+    for name in section["variants"]:
         row = section[name]
         steps = "-" if row["steps"] is None else str(row["steps"])
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
         speedup = section["speedups"].get(name)
         speedup = "-" if speedup is None else f"{speedup:.2f}x"
-        print(f"{name:>14} {steps:>7} {seconds:>8} {row[f'final_{key}']:>10.3f} {speedup:>9}")
+        print(f"{name:>24} {steps:>7} {seconds:>8} {row[f'final_{key}']:>10.3f} {speedup:>9}")
+
+
+def _printChain(chain):
+    what = f"variational free energy, harmonic chain of {chain['sites']} (exact {chain['exact_free_energy']:.3f})"
+    for name, section in chain["versus"].items():
+        _printTimeToTarget(section, "free_energy", what, "--chain-steps", f"the final value of {name}")
+        print()
+
+
+def _printMatmulFloor(rows):
+    print("where a CPU step goes (torch.profiler; matrix products = aten::mm/addmm/bmm self time)")
+    print(f"{'variant':>12} {'ms/step':>8} {'matmul ms':>10} {'share':>6} {'ops/step':>9}")
+    for row in rows:
+        print(f"{row['variant']:>12} {row['ms_per_step']:>8.1f} {row['matmul_ms_per_step']:>10.1f} "
+              f"{row['matmul_share']:>6.0%} {row['ops_per_step']:>9.0f}")
+    ours = next(row for row in rows if row["variant"] == "ours")
+    print(f"bound on ours vs the reference if everything but ours' matrix products took no time: "
+          f"{ours['reference_over_matmul']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class NCT:
         Remove rigid-body motion (3n − 6 internal coordinates). Turn off only for systems held by external fields.
     batch_size, max_steps, lr, patience, seed, validation_fraction, checkpoint, progress
         Training settings; the validation split is by trajectory when several are given.
+    compile_loss : bool
+        Compile the training loss (:class:`~nct_openmm.core.training.CompiledLoss`): faster steps after a
+        compilation of tens of seconds; worth it for trainings of more than a few minutes.
 
     Examples
     --------
@@ -149,13 +152,14 @@ class NCT:
     def __init__(self, temperature: float, n_couplings: int = 8, hidden: int = 64, depth: int = 2,
                  mask: str = "random", scale_bound: float = 2.0, linear_point: bool = True, align: bool = True,
                  batch_size: int = 256, max_steps: int = 20000, lr: float = 1e-3, patience: int = 10, seed: int = 0,
-                 validation_fraction: float = 0.2, checkpoint: Optional[str] = None, progress: bool = True):
+                 validation_fraction: float = 0.2, checkpoint: Optional[str] = None, progress: bool = True,
+                 compile_loss: bool = False):
         self.temperature = float(temperature)
         self.config_options = dict(n_couplings=n_couplings, hidden=hidden, depth=depth, mask=mask, seed=seed,
                                    scale_bound=scale_bound, linear_point=linear_point)
         self.align = align
         self.training = dict(batch_size=batch_size, max_steps=max_steps, lr=lr, patience=patience, seed=seed,
-                             checkpoint=checkpoint, progress=progress)
+                             checkpoint=checkpoint, progress=progress, compile_loss=compile_loss)
         self.validation_fraction = validation_fraction
         self._model = None
 

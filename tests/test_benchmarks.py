@@ -62,11 +62,19 @@ def test_training_throughput_quick(tmp_path, restoredTorchState):
     loss = result["time_to_loss"]
     assert loss["ours"]["curve"] and loss["reference"]["curve"]
     assert all(row["ms_per_step"] > 0 for row in result["denormals"])
+    floor = {row["variant"]: row for row in result["matmul_floor"]}
+    assert set(floor) == {"reference", "ours"}
+    for row in floor.values():
+        assert 0 < row["matmul_ms_per_step"] and 0 < row["matmul_share"] <= 1 and row["ops_per_step"] > 100
     chain = result["harmonic_chain"]
     if chain["available"]:
-        # Same function and same prior draws: the two start from the same variational free energy.
-        start = [entry["curve"][0]["free_energy"] for entry in (chain["ours"], chain["reference"])]
-        assert start[0] == pytest.approx(start[1], rel=1e-5)
+        # Same function and same prior draws: every variant starts from the same variational free energy.
+        start = [entry["curve"][0]["free_energy"] for entry in (chain["ours"], chain["reference"],
+                                                               chain["reference+our-optimiser"])]
+        assert start[0] == pytest.approx(start[1], rel=1e-5) == start[2]
+        for name, section in chain["versus"].items():
+            assert section["target_free_energy"] == section[name]["final_free_energy"]
+            assert section[name]["seconds"] is not None  # a variant reaches its own final value
 
 
 def test_reference_flow_momenta_are_canonical(restoredTorchState):
@@ -97,3 +105,22 @@ def test_reference_flow_momenta_are_canonical(restoredTorchState):
     pReference, = torch.autograd.grad(reference(qReference), qReference, P.detach())
     torch.testing.assert_close(qReference, qBack, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pReference, pBack, rtol=1e-10, atol=1e-10)
+
+
+def test_physics_check_quick(tmp_path, restoredTorchState):
+    """The fast metadynamics path applies the bias of app.Metadynamics with the same hills (both against the exact
+    Gaussian sum, closer on a finer grid), and the statistics section runs every variant."""
+    benchmark = loadBenchmark("physics_check")
+    path = tmp_path / "physics.json"
+    benchmark.main(["--quick", "--json", str(path)])
+    result = json.loads(path.read_text())
+    coarse, fine = (result["same_bias"][str(nodes)] for nodes in benchmark.MODE_NODES)
+    for same in (coarse, fine):
+        assert same["inside_grid"] and same["hills"] >= 6
+        assert max(row["bias_kj_mol"] for row in same["frames"]) > 0.1  # the frames feel the bias
+        # Two interpolants of the same grid of Gaussians: equal far below a hill height, close to the exact sum.
+        assert max(row["bias_error_fast_kj_mol"] for row in same["frames"]) < 1e-3 * same["max_height_kj_mol"]
+        assert same["summary"]["fast_vs_plain"]["energy"] < 1e-5
+        assert same["summary"]["fast_vs_exact"]["forces"] < 1e-4
+    assert fine["summary"]["fast_vs_exact"]["energy"] < coarse["summary"]["fast_vs_exact"]["energy"]
+    assert set(result["statistics"]["summary"]) == {"plain", "fast", "fast-mts8"}

@@ -10,10 +10,11 @@ from .linear import LinearSymplectic
 from .model import FlowConfig, NCTModel
 from .prior import HarmonicPrior
 from .serialization import ModelFileError
-from .training import (TrainingHistory, Trainer, augment_momenta, fit_likelihood, fit_variational,
-                       harmonic_initialization, model_from_data, negative_log_likelihood, variational_loss)
+from .training import (TrainingHistory, Trainer, augment_momenta, fit_likelihood, fit_variational, flow_optimizer,
+                       harmonic_initialization, model_from_data, negative_log_likelihood, variational_loss,
+                       variational_objective)
 
 __all__ = ["AffineCoupling", "AffinePoint", "LinearPoint", "coupling_masks", "LinearSymplectic", "FlowConfig",
            "NCTModel", "HarmonicPrior", "ModelFileError", "TrainingHistory", "Trainer", "augment_momenta",
-           "fit_likelihood", "fit_variational", "harmonic_initialization", "model_from_data",
-           "negative_log_likelihood", "variational_loss"]
+           "fit_likelihood", "fit_variational", "flow_optimizer", "harmonic_initialization", "model_from_data",
+           "negative_log_likelihood", "variational_loss", "variational_objective"]
