@@ -14,6 +14,8 @@ reference architecture: 8 RealNVP couplings with 2 hidden layers of 128 (SiLU), 
   differentiated once), the optimiser is :func:`~nct_openmm.core.flow_optimizer`'s fused Adam, denormals are flushed
   (``torch.set_flush_denormal``, as ``Trainer.fit`` does).
 - ``ours+linear``: the same with the learnable linear point layer after the couplings (the package default).
+- ``ours+compile`` (CPU, not with ``--quick``/``--no-compile``): ours with the loss compiled by ``torch.compile``
+  (``compile_loss=True``); the compilation is in its first step, reported apart.
 - ``reference+half-width``: the reference's momenta (second pass, double backward) with our half-width
   conditioners, to separate the two levers.
 - ``ours+graph`` (``--device cuda`` only): ours with the whole step replayed from a CUDA graph
@@ -65,7 +67,7 @@ sys.path.insert(0, REPOSITORY)
 
 from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, fit_variational, flow_optimizer,  # noqa: E402
                              model_from_data, negative_log_likelihood, variational_loss)
-from nct_openmm.core.training import CapturedStep  # noqa: E402
+from nct_openmm.core.training import CapturedStep, CompiledLoss  # noqa: E402
 from nct_openmm.data import thermal_energy  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
 from nct_openmm.slowmodes import average_structure  # noqa: E402
@@ -83,7 +85,7 @@ CHAIN_SITES, CHAIN_OMEGA_SPREAD, CHAIN_EVAL = 30, 10.0, 2048
 def main(argv=None):
     options = _parseArguments(argv)
     if options.quick:
-        options.frames, options.rounds, options.steps = 600, 2, 3
+        options.frames, options.rounds, options.steps, options.compile = 600, 2, 3, False
         options.loss_steps, options.eval_every, options.chain_steps, options.chain_eval_every = 20, 10, 20, 10
     with _torchState(options.threads):
         qTrain, qVal = makeData(options.frames, options.seed)
@@ -134,6 +136,8 @@ def _parseArguments(argv):
                         help="variational steps of each model on the harmonic chain (default 400)")
     parser.add_argument("--chain-eval-every", type=int, default=25,
                         help="steps between evaluations on the harmonic chain (default 25)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out ours+compile (its first step compiles for ~50 s; --quick leaves it out too)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -381,9 +385,10 @@ def _oursLearner(name, model, loss, seed):
                    optimizer=flow_optimizer(model, LEARNING_RATE, frequency_lr_factor=1.0))
 
 
-def makeLearners(config, q, seed, allVariants=False):
+def makeLearners(config, q, seed, allVariants=False, compiled=False):
     """reference and ours, starting as the same function, and ours+graph on a GPU; with ``allVariants`` also
-    reference+half-width and ours+linear."""
+    reference+half-width and ours+linear; with ``compiled`` (on a CPU) ours+compile, ours with
+    :class:`~nct_openmm.core.training.CompiledLoss` (``compile_loss=True``), which compiles at its first step."""
     device = q.device
     ours = model_from_data(config, q.cpu())
     reference = referenceFrom(ours).train().to(device)
@@ -400,6 +405,9 @@ def makeLearners(config, q, seed, allVariants=False):
         linearConfig = FlowConfig(**{**config.__dict__, "linear_point": True})
         linear = model_from_data(linearConfig, q.cpu()).to(device).train()
         learners.append(_oursLearner("ours+linear", linear, _likelihoodLoss(_oursNll(linear), q), seed))
+    if compiled and device.type == "cpu":
+        model = model_from_data(config, q.cpu()).train()
+        learners.append(_oursLearner("ours+compile", model, _likelihoodLoss(CompiledLoss(_oursNll(model)), q), seed))
     return learners
 
 
@@ -433,21 +441,21 @@ def checkEquivalence(config, q):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _interleaved(learners, rounds, steps):
-    """Seconds per step of every learner in every round (rotating order), after one warm-up step each."""
-    for learner in learners:
-        learner.steps(1)
+    """Seconds per step of every learner in every round (rotating order), and the seconds of the warm-up step each
+    took first (which includes a compilation)."""
+    firstStep = {learner.name: learner.steps(1) for learner in learners}
     perStep = {learner.name: [] for learner in learners}
     for round_ in range(rounds):
         shift = round_ % len(learners)
         for learner in learners[shift:] + learners[:shift]:
             perStep[learner.name].append(learner.steps(steps) / steps)
-    return perStep
+    return perStep, firstStep
 
 
 def measureThroughput(config, q, options):
     """Rows ``{variant, samples_per_s, ratio_to_reference, ratio_min, ratio_max}``."""
-    learners = makeLearners(config, q, options.seed, allVariants=True)
-    perStep = _interleaved(learners, options.rounds, options.steps)
+    learners = makeLearners(config, q, options.seed, allVariants=True, compiled=options.compile)
+    perStep, firstStep = _interleaved(learners, options.rounds, options.steps)
     base = perStep["reference"]
     rows = []
     for learner in learners:
@@ -455,7 +463,7 @@ def measureThroughput(config, q, options):
         rows.append({"variant": learner.name, "samples_per_s": BATCH / statistics.median(perStep[learner.name]),
                      "ms_per_step": 1e3 * statistics.median(perStep[learner.name]),
                      "ratio_to_reference": statistics.median(ratios), "ratio_min": min(ratios),
-                     "ratio_max": max(ratios)})
+                     "ratio_max": max(ratios), "first_step_s": firstStep[learner.name]})
     return rows
 
 
@@ -467,7 +475,7 @@ def measureMatmulFloor(config, q, options):
     ``torch.profiler`` the self time of the matrix products and the number of operator calls. The reference's step
     over ours' matrix products bounds what any implementation of ours could gain on this CPU without reducing them."""
     learners = makeLearners(config, q, options.seed)[:2]
-    perStep = _interleaved(learners, options.rounds, options.steps)
+    perStep, _ = _interleaved(learners, options.rounds, options.steps)
     rows = []
     for learner in learners:
         torch.set_flush_denormal(learner.flushDenormals)
@@ -700,11 +708,11 @@ def _printThroughput(result):
     settings = result["settings"]
     print(f"samples/s (median of {settings['rounds']} interleaved rounds of {settings['steps_per_round']} steps; "
           "ratio: median of per-round ratios [min-max])")
-    print(f"{'variant':>20} {'samples/s':>10} {'ms/step':>9} {'x reference':>12} {'spread':>14}")
+    print(f"{'variant':>20} {'samples/s':>10} {'ms/step':>9} {'x reference':>12} {'spread':>14} {'first step s':>13}")
     for row in result["throughput"]:
         spread = f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
         print(f"{row['variant']:>20} {row['samples_per_s']:>10.0f} {row['ms_per_step']:>9.1f} "
-              f"{row['ratio_to_reference']:>12.2f} {spread:>14}")
+              f"{row['ratio_to_reference']:>12.2f} {spread:>14} {row['first_step_s']:>13.2f}")
     print()
 
 
