@@ -102,13 +102,15 @@ class LinearPoint(PointLayer):
     def inverse(self, Q: Tensor) -> Tensor:
         return Q @ self._exp(-1.0).to(Q.dtype)
 
+    # With momenta, exp(−A) = exp(A)⁻¹ enters through a solve: a second matrix exponential would cost more, mostly
+    # in its backward pass (the exponential of a 2n × 2n block matrix).
     def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
-        forward, backward = self._exp(1.0).to(q.dtype), self._exp(-1.0).to(q.dtype)
-        return q @ forward, p @ backward.T
+        forward = self._exp(1.0).to(q.dtype)
+        return q @ forward, torch.linalg.solve_ex(forward.T, p, left=False)[0]
 
     def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
-        forward, backward = self._exp(1.0).to(Q.dtype), self._exp(-1.0).to(Q.dtype)
-        return Q @ backward, P @ forward.T
+        forward = self._exp(1.0).to(Q.dtype)
+        return torch.linalg.solve_ex(forward, Q, left=False)[0], P @ forward.T
 
 
 def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True) -> nn.Sequential:
