@@ -161,6 +161,12 @@ def test_variational_gradients_equal_those_of_the_autograd_momenta():
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max()))
 
 
+def test_closed_form_vjp_refuses_other_networks():
+    with pytest.raises(ValueError, match="Linear/SiLU layout"):
+        layers.mlp_with_vjp(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)),
+                            torch.randn(3, 2))
+
+
 @pytest.mark.parametrize("module", [layers, linear, model_module, prior, training])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

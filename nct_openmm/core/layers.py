@@ -222,6 +222,9 @@ def mlp_with_vjp(net: nn.Sequential, x: Tensor) -> Tuple[Tensor, Callable[[Tenso
     True
     """
     linears = [module for module in net if isinstance(module, nn.Linear)]
+    if [type(module) for module in net] != [nn.Linear, nn.SiLU] * (len(linears) - 1) + [nn.Linear]:
+        raise ValueError("mlp_with_vjp needs the Linear/SiLU layout that mlp() builds, got "
+                         f"{[type(module).__name__ for module in net]}")
     slopes = []
     h = x
     for linear in linears[:-1]:
