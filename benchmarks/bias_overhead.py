@@ -67,7 +67,7 @@ from nct_openmm.data import thermal_energy  # noqa: E402
 from nct_openmm.export import slow_mode_module, student_module  # noqa: E402
 from nct_openmm.forces import slowModeBiasVariables  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
 from nct_openmm.slowmodes import SlowModeModel, average_structure  # noqa: E402
 from nct_openmm.systems import builtinSystem, getPlatform, platformProperties  # noqa: E402
 
@@ -318,9 +318,7 @@ def _integrator(system, stride, biasGroup, mts=False):
     temperature, friction = TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond
     if biasGroup is None and not mts:
         return openmm.LangevinMiddleIntegrator(temperature, friction, STEP_PS * unit.picoseconds)
-    otherGroups = sorted({force.getForceGroup() for force in system.getForces()} - {biasGroup})
-    groups = ([] if biasGroup is None else [(biasGroup, 1)]) + [(group, stride) for group in otherGroups]
-    return openmm.MTSLangevinIntegrator(temperature, friction, stride * STEP_PS * unit.picoseconds, groups)
+    return mtsLangevinIntegrator(system, biasGroup, stride, temperature, friction, STEP_PS * unit.picoseconds)
 
 
 def _properties(platform, options):
@@ -508,10 +506,8 @@ def _fixedBiasRun(molecule, module, platform, options, start, stride, seed, freq
                               ACCURACY_HEIGHT * unit.kilojoule_per_mole, frequency, gridWidth=_gridNodes())
     if biasPath is not None:
         meta.loadBias(biasPath)
-    otherGroups = sorted({force.getForceGroup() for force in system.getForces()} - {meta.forceGroup})
-    integrator = openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond,
-                                              stride * STEP_PS * unit.picoseconds,
-                                              [(meta.forceGroup, 1)] + [(g, stride) for g in otherGroups])
+    integrator = mtsLangevinIntegrator(system, meta.forceGroup, stride, TEMPERATURE * unit.kelvin,
+                                       FRICTION / unit.picosecond, STEP_PS * unit.picoseconds)
     integrator.setRandomNumberSeed(seed)
     simulation = app.Simulation(molecule.topology, system, integrator, platform, _properties(platform, options))
     simulation.context.setPositions(start)

@@ -46,7 +46,7 @@ sys.path.insert(0, REPOSITORY)
 from nct_openmm.analysis.dihedrals import LOWER_CORE, UPPER_CORE, count_transitions  # noqa: E402
 from nct_openmm.export import slow_mode_module  # noqa: E402
 from nct_openmm.forces import slowModeBiasVariables  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
 from nct_openmm.slowmodes import SlowModeModel  # noqa: E402
 from nct_openmm.systems import builtinSystem, getPlatform  # noqa: E402
 
@@ -135,7 +135,7 @@ def measureSameBias(options, nodes):
     bare = openmm.Context(openmm.XmlSerializer.clone(molecule.system), openmm.VerletIntegrator(0.001), platform)
     fast = LatentMetadynamics(fastSystem, module, [MODE_RANGE] * 2, MODE_WIDTH, TEMPERATURE, BIAS_FACTOR,
                               MODE_HEIGHT, MODE_FREQUENCY, gridWidth=nodes)
-    integrator = _langevin(1)
+    integrator = _langevin(fastSystem)
     integrator.setRandomNumberSeed(1)
     simulation = app.Simulation(molecule.topology, fastSystem, integrator, platform)
     simulation.context.setPositions(molecule.positions)
@@ -175,12 +175,12 @@ def measureSameBias(options, nodes):
                         for key in ("fast_vs_plain", "fast_vs_exact", "plain_vs_exact")}}
 
 
-def _langevin(stride, biasGroup=None):
+def _langevin(system, stride=1, biasGroup=None):
     if stride == 1:
         return openmm.LangevinMiddleIntegrator(TEMPERATURE * unit.kelvin, 1 / unit.picosecond,
                                                STEP_PS * unit.picoseconds)
-    return openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, 1 / unit.picosecond,
-                                        stride * STEP_PS * unit.picoseconds, [(biasGroup, 1), (0, stride)])
+    return mtsLangevinIntegrator(system, biasGroup, stride, TEMPERATURE * unit.kelvin, 1 / unit.picosecond,
+                                 STEP_PS * unit.picoseconds)
 
 
 def _framesOf(meta, simulation, count, steps):
@@ -251,11 +251,11 @@ def runRing(molecule, start, name, seed, ps):
                                           gridWidth=RING_NODES)
         meta = app.Metadynamics(system, variables, TEMPERATURE * unit.kelvin, BIAS_FACTOR,
                                 RING_HEIGHT * unit.kilojoule_per_mole, RING_FREQUENCY)
-        integrator = _langevin(1)
+        integrator = _langevin(system)
     else:
         meta = LatentMetadynamics(system, module, [RING_RANGE] * 2, RING_WIDTH, TEMPERATURE, BIAS_FACTOR,
                                   RING_HEIGHT, RING_FREQUENCY // stride, gridWidth=RING_NODES)
-        integrator = _langevin(stride, meta.forceGroup)
+        integrator = _langevin(system, stride, meta.forceGroup)
     integrator.setRandomNumberSeed(seed)
     simulation = app.Simulation(molecule.topology, system, integrator, getPlatform("Reference"))
     simulation.context.setPositions(start)

@@ -23,7 +23,7 @@ from nct_openmm.analysis import (basin_free_energy, count_transitions, free_ener
 from nct_openmm.data import BOLTZMANN
 from nct_openmm.export import slow_mode_module, student_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
-from nct_openmm.metadynamics import LatentMetadynamics
+from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator
 from nct_openmm.simulate import stepWithProgress
 from nct_openmm.systems import getPlatform, platformProperties
 
@@ -88,9 +88,7 @@ def _simulation(molecularSystem, system, temperature, seed, platform, timestep=0
     if biasGroup is None:
         integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, timestep)
     else:
-        others = sorted({force.getForceGroup() for force in system.getForces()} - {biasGroup})
-        integrator = openmm.MTSLangevinIntegrator(temperature, 1.0, stride * timestep,
-                                                  [(biasGroup, 1)] + [(group, stride) for group in others])
+        integrator = mtsLangevinIntegrator(system, biasGroup, stride, temperature, 1.0, timestep)
     integrator.setRandomNumberSeed(int(seed) + 1)
     chosen = getPlatform(platform)
     simulation = app.Simulation(molecularSystem.topology, system, integrator, chosen, platformProperties(chosen))

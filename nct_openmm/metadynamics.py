@@ -47,10 +47,9 @@ the captured graph, hills arrive, and the CUDA bias equals the Reference one; th
 :meth:`LatentMetadynamics.step` would stop a run on a build where hills do not arrive.
 
 Multiple time stepping: the bias force sits in its own force group (:attr:`LatentMetadynamics.forceGroup`), so an
-``openmm.MTSLangevinIntegrator`` can apply it every n-th inner step. With an outer step of n × 2 fs, give the bias
-group one substep and everything else n: ``MTSLangevinIntegrator(T, 1/ps, n*2*fs, [(meta.forceGroup, 1), (0, n)])``
-(list every other group the System uses with n substeps too). ``frequency`` then counts outer steps. How much
-accuracy the slower bias costs is the user's to measure.
+``openmm.MTSLangevinIntegrator`` can apply it every n-th inner step: :func:`mtsLangevinIntegrator` gives the bias
+group one substep of an outer step of n × 2 fs and every other group of the System n. ``frequency`` then counts
+outer steps. How much accuracy the slower bias costs is the user's to measure.
 
 Examples
 --------
@@ -73,7 +72,7 @@ from openmm import unit
 
 from nct_openmm.backend import createTorchForce
 
-__all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule"]
+__all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule", "mtsLangevinIntegrator"]
 
 #: Version of the file written by :meth:`LatentMetadynamics.saveBias`.
 BIAS_FORMAT_VERSION = 1
@@ -830,6 +829,21 @@ def _checkForceGroup(group):
     if int(group) != group or not 0 <= int(group) < NUM_FORCE_GROUPS:
         raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
     return int(group)
+
+
+def mtsLangevinIntegrator(system, biasGroup, stride, temperature, friction=1.0, timestep=0.002):
+    """``openmm.MTSLangevinIntegrator`` with an outer step of ``stride × timestep`` that applies force group
+    ``biasGroup`` once per outer step and every other group ``system`` uses ``stride`` times (``biasGroup=None``:
+    every group ``stride`` times). Temperature, friction and time step as quantities or in K, 1/ps and ps.
+
+    Examples
+    --------
+    >>> integrator = mtsLangevinIntegrator(system, meta.forceGroup, 8, 300 * unit.kelvin)  # doctest: +SKIP
+    """
+    slow = set() if biasGroup is None else {biasGroup}
+    others = sorted({force.getForceGroup() for force in system.getForces()} - slow)
+    groups = [(group, 1) for group in slow] + [(group, stride) for group in others]
+    return openmm.MTSLangevinIntegrator(temperature, friction, stride * timestep, groups)
 
 
 def _freeForceGroup(system):

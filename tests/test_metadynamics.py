@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cv_standin import StandInModes  # noqa: E402
 from nct_openmm import metadynamics  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
 from nct_openmm.systems import builtinSystem  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,9 +222,9 @@ def test_bias_group_works_with_multiple_time_stepping(ala2):
     others = {force.getForceGroup() for force in system.getForces()}
     meta = makeMeta(system, frequency=5)
     assert meta.forceGroup not in others
-    groups = [(meta.forceGroup, 1)] + [(group, 2) for group in sorted(others)]
-    integrator = openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, 5 / unit.picosecond,
-                                              0.004 * unit.picoseconds, groups)
+    integrator = mtsLangevinIntegrator(system, meta.forceGroup, 2, TEMPERATURE * unit.kelvin, 5 / unit.picosecond,
+                                       0.002 * unit.picoseconds)
+    assert integrator.getStepSize() == 0.004 * unit.picoseconds
     simulation = makeSimulation(ala2, system, integrator=integrator)
     meta.step(simulation, 20)
     assert len(meta.getHills()[1]) == 4
