@@ -217,6 +217,43 @@ def test_branch_free_mode_gives_the_same_bias(ala2):
     assert energies[0] == pytest.approx(energies[1], rel=1e-10)
 
 
+
+@pytest.mark.parametrize("numModes", [1, 2, 3])
+def test_every_hill_update_writes_the_truncated_gaussian_and_its_derivatives(numModes):
+    """The module's windowed and fixed-shape updates and the driver's dense rebuild, hills inside, at and off edges."""
+    lows, highs, sizes = [-1.0, -0.5, 0.0][:numModes], [1.0, 1.5, 0.8][:numModes], [21, 17, 13][:numModes]
+    widths = [0.15, 0.3, 0.1][:numModes]
+    rng = np.random.default_rng(numModes)
+    centres = np.concatenate([rng.uniform(lows, highs, (4, numModes)), np.array([lows]) - 0.05,
+                              np.array([highs]) + 0.3, np.array([highs]) + 5.0])
+    heights = rng.uniform(0.5, 2.0, len(centres))
+    grids = [torch.jit.script(metadynamics.HermiteBiasGrid(lows, highs, sizes, widths)) for _ in range(2)]
+    for centre, height in zip(torch.as_tensor(centres), torch.as_tensor(heights)):
+        grids[0].deposit(centre, height)
+        grids[1].depositFixedShape(centre, height)
+    dense = metadynamics.HermiteBiasGrid(lows, highs, sizes, widths)
+    metadynamics._depositDense(dense, centres, heights)
+    for grid in grids:  # the same factors, multiplied in another order
+        np.testing.assert_allclose(grid.values.numpy(), dense.values.numpy(), rtol=1e-13, atol=1e-13)
+
+    nodes = np.stack(np.meshgrid(*[np.linspace(lo, hi, n) for lo, hi, n in zip(lows, highs, sizes)],
+                                 indexing="ij"), -1).reshape(-1, numModes)
+    spacings = (np.array(highs) - np.array(lows)) / (np.array(sizes) - 1)
+    halfWindows = np.ceil(metadynamics.HILL_CUTOFF * np.array(widths) / spacings)
+    nearest = np.round((centres - lows) / spacings)
+    indices = np.round((nodes - lows) / spacings)
+    inside = np.all(np.abs(indices[:, None, :] - nearest[None, :, :]) <= halfWindows, -1)
+    z = (nodes[:, None, :] - centres[None, :, :]) / np.array(widths)
+    gaussians = heights * np.exp(-0.5 * (z ** 2).sum(-1)) * inside
+    slopes = -z / np.array(widths)
+    for channel in range(2 ** numModes):
+        expected = gaussians.copy()
+        for k in range(numModes):
+            if (channel >> k) & 1:
+                expected *= slopes[..., k]
+        np.testing.assert_allclose(dense.values[channel].numpy(), expected.sum(-1),
+                                   rtol=1e-12, atol=1e-12)
+
 def test_bias_group_works_with_multiple_time_stepping(ala2):
     system = freshSystem(ala2)
     others = {force.getForceGroup() for force in system.getForces()}
