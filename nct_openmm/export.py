@@ -10,7 +10,7 @@ hill width fits all modes.
 import copy
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,12 +45,35 @@ class AlignedInput(nn.Module):
         return (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
 
 
-class SlowModeModule(nn.Module):
+class _LinearisedCV(nn.Module):
+    """Base of the exported CVs: the aligned front under autograd, the network after it outside.
+
+    The network (couplings, or a student MLP) enters autograd as its value plus a linear term whose matrix is its
+    Jacobian with respect to the front's output, pulled back in closed form (:meth:`modes_and_jacobian`): exact
+    forces from a few dozen operations instead of a backward pass of several hundred. Second derivatives of the
+    modes are therefore not available (OpenMM needs none).
+    """
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        y = self.input(positions, boxvectors)
+        # The constant copy is made under no_grad, not with detach(), which torch.jit.freeze (applied by
+        # TorchForce) would remove.
+        with torch.no_grad():
+            fixed = y.clone()
+            modes, jacobian = self.modes_and_jacobian(fixed)
+        return (modes + (y - fixed) @ jacobian)[0].to(positions.dtype)
+
+    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """The modes ``(1, K)`` at the front's output ``y`` ``(1, d)`` and their derivatives ``(d, K)``."""
+        raise NotImplementedError
+
+
+class SlowModeModule(_LinearisedCV):
     """The exported collective variable: ``forward(positions (N, 3) nm, boxvectors=None) -> (K,)``.
 
     The result has the dtype of ``positions``; the arithmetic runs in the dtype the module was exported with.
     Attributes ``num_modes`` (K), ``num_atoms_required`` (largest atom index + 1) and ``temperature`` (K, of the
-    training data) describe it.
+    training data) describe it. First derivatives only (see :class:`_LinearisedCV`).
     """
 
     def __init__(self, model, modes: int, dtype: torch.dtype = torch.float32):
@@ -64,20 +87,29 @@ class SlowModeModule(nn.Module):
         pre, couplings = layers[0], [layer for layer in layers if isinstance(layer, AffineCoupling)]
         tail = [layer for layer in layers[1:] if not isinstance(layer, AffineCoupling)]
         self.input = AlignedInput(frame, pre, dtype)
-        self.couplings = nn.ModuleList([_copy_coupling(c, dtype) for c in couplings])
+        copies = [_copy_coupling(c, dtype) for c in couplings]
+        self.couplings = nn.ModuleList(copies)
+        # The same modules in reverse order, for the pullback (TorchScript cannot iterate a ModuleList backwards).
+        self.reversed_couplings = nn.ModuleList(copies[::-1])
         self.register_buffer("out_matrix", _fused_output(flow, tail, modes).to(dtype))
         self.num_modes = int(modes)
         self.num_atoms_required = int(max(frame.atom_indices)) + 1
         self.temperature = float(model.temperature)
 
-    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        y = self.input(positions, boxvectors)
+    @torch.jit.export
+    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        saved: List[List[Tensor]] = []
         for coupling in self.couplings:
-            y = coupling(y)
-        return (y @ self.out_matrix)[0].to(positions.dtype)
+            y, state = coupling.forward_saving(y)
+            saved.append(state)
+        # One cotangent row per mode, pulled back through the couplings like momenta (p = P ∂Q/∂q).
+        cotangents = self.out_matrix.t()
+        for coupling in self.reversed_couplings:
+            cotangents = coupling.pullback(saved.pop(), cotangents)
+        return y @ self.out_matrix, cotangents.t()
 
 
-class StudentModule(nn.Module):
+class StudentModule(_LinearisedCV):
     """A distilled CV (:mod:`nct_openmm.core.distill`) with the contract of :class:`SlowModeModule`: the same
     front, then a small MLP instead of the flow. Attribute ``student_report`` holds the distillation errors."""
 
@@ -85,13 +117,16 @@ class StudentModule(nn.Module):
         super().__init__()
         self.input = AlignedInput(model.frame, student.pre, dtype)
         self.net = copy.deepcopy(student.net).to(dtype)
+        self.register_buffer("mode_rows", torch.eye(int(student.modes), dtype=dtype))
         self.num_modes = int(student.modes)
         self.num_atoms_required = int(max(model.frame.atom_indices)) + 1
         self.temperature = float(model.temperature)
         self.student_report: Dict[str, float] = {key: float(value) for key, value in (report or {}).items()}
 
-    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        return self.net(self.input(positions, boxvectors))[0].to(positions.dtype)
+    @torch.jit.export
+    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        modes, slopes = self.net.forward_saving(y)
+        return modes, self.net.pullback(slopes, self.mode_rows).t()
 
 
 def _fused_input(frame, pre: AffinePoint):

@@ -25,7 +25,8 @@ from nct_openmm.cli import main
 from nct_openmm.core import NCTModel, FlowConfig
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from nct_openmm.data import load_trajectories
-from nct_openmm.export import export_slow_modes, slow_mode_module
+from nct_openmm.core.distill import fit_student
+from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
 from nct_openmm.geometry import kabsch_align
 from nct_openmm.simulate import runLangevin
@@ -505,6 +506,40 @@ def test_the_float64_export_equals_the_flow_evaluated_in_float64(ala2_model, ala
         expected = flow.slow_modes(model.internal_coordinates(ala2_data.positions[frames]), 4, scaled=True).numpy()
     values = evaluate(slow_mode_module(model, 4, torch.float64), full_positions(ala2_traj, frames, torch.float64))
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-10)
+
+
+def _autograd_definition(exported, positions):
+    """The exported CV's modes with every derivative left to autograd: front, then couplings or student net."""
+    y = exported.input(positions)
+    if hasattr(exported, "couplings"):
+        for coupling in exported.couplings:
+            y = coupling(y)
+        return (y @ exported.out_matrix)[0]
+    return exported.net(y)[0]
+
+
+@pytest.mark.parametrize("kind", ["flow", "student"])
+def test_exported_forces_equal_autograd_through_the_network_also_when_frozen(ala2_model, ala2_traj, kind):
+    """The exported network enters autograd through its closed-form Jacobian; TorchForce freezes the module."""
+    model = ala2_model.model
+    if kind == "flow":
+        exported = SlowModeModule(model, 2, torch.float64)
+    else:
+        student, _ = fit_student(model.flow, 2, steps=20, samples=256, batch=128, progress=False)
+        exported = StudentModule(model, student, dtype=torch.float64)
+    scripted = torch.jit.script(exported)
+    frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(exported)).eval())
+    positions = full_positions(ala2_traj, [100, 600], torch.float64)
+    for x in positions:
+        moved = x.clone().requires_grad_(True)
+        expected = [torch.autograd.grad(_autograd_definition(exported, moved)[k], moved)[0] for k in range(2)]
+        for module in (scripted, frozen, frozen, frozen):  # the profiling executor optimises after a few calls
+            moved = x.clone().requires_grad_(True)
+            modes = module(moved)
+            for k in range(2):
+                gradient = torch.autograd.grad(modes[k], moved, retain_graph=True)[0]
+                assert torch.allclose(gradient, expected[k], rtol=1e-10, atol=1e-10 * float(expected[k].abs().max()))
+            assert float(modes[0]) == pytest.approx(float(_autograd_definition(exported, x)[0]), abs=1e-12)
 
 
 def test_the_exported_file_loads_with_plain_torch_jit_load(ala2_model, ala2_traj, tmp_path):

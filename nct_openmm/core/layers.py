@@ -11,7 +11,7 @@ vector–Jacobian products are written out in closed form rather than taken from
 momenta differentiates once (an ordinary backward pass), not twice.
 """
 import math
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class LinearPoint(PointLayer):
         return torch.linalg.solve_ex(forward, Q, left=False)[0], P @ forward.T
 
 
-def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True) -> nn.Sequential:
+def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True) -> "SiLUMLP":
     """A smooth MLP (SiLU) whose last layer starts at zero (``zero_output``), so that a coupling starts as the
     identity.
 
@@ -129,7 +129,62 @@ def mlp(n_in: int, n_out: int, hidden: int, depth: int, zero_output: bool = True
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
     modules.append(last)
-    return nn.Sequential(*modules)
+    return SiLUMLP(*modules)
+
+
+class SiLUMLP(nn.Sequential):
+    """Linear layers with SiLU between them (what :func:`mlp` builds), with its derivative in closed form.
+
+    :meth:`forward_saving` returns the output and the SiLU slopes; :meth:`pullback` maps row cotangents ``c`` on the
+    output to ``c ∂net/∂x``: the transposed weights times those slopes. Both are TorchScript methods, used by the
+    couplings' cotangent lift in training and by the exported CVs' forces.
+
+    Examples
+    --------
+    >>> net = mlp(3, 2, hidden=8, depth=2, zero_output=False)
+    >>> x, c = torch.randn(4, 3), torch.randn(4, 2)
+    >>> out, slopes = net.forward_saving(x)
+    >>> x_ = x.clone().requires_grad_(True)
+    >>> torch.allclose(net.pullback(slopes, c), torch.autograd.grad(net(x_), x_, c)[0], atol=1e-6)
+    True
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        num_linear = sum(isinstance(layer, nn.Linear) for layer in layers)
+        if [type(layer) for layer in layers] != [nn.Linear, nn.SiLU] * (num_linear - 1) + [nn.Linear]:
+            raise ValueError("SiLUMLP needs Linear layers with SiLU between them, got "
+                             f"{[type(layer).__name__ for layer in layers]}")
+
+    def linear_weights(self) -> Tuple[List[Tensor], List[Tensor]]:
+        weights: List[Tensor] = []
+        biases: List[Tensor] = []
+        for layer in self:
+            # Not isinstance: TorchScript unrolls this loop and, with isinstance, keeps only the first Linear.
+            if hasattr(layer, "weight"):
+                weights.append(layer.weight)
+                biases.append(layer.bias)
+        return weights, biases
+
+    @torch.jit.export
+    def forward_saving(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """The output at ``x`` and the SiLU slopes :meth:`pullback` needs."""
+        weights, biases = self.linear_weights()
+        slopes: List[Tensor] = []
+        h = x
+        for i in range(len(weights) - 1):
+            h, slope = _silu_with_slope(F.linear(h, weights[i], biases[i]))
+            slopes.append(slope)
+        return F.linear(h, weights[-1], biases[-1]), slopes
+
+    @torch.jit.export
+    def pullback(self, slopes: List[Tensor], cotangent: Tensor) -> Tensor:
+        """``c ∂net/∂x`` at the point :meth:`forward_saving` returned ``slopes`` for."""
+        weights, _ = self.linear_weights()
+        g = cotangent @ weights[-1]
+        for i in range(len(slopes) - 1, -1, -1):
+            g = (g * slopes[i]) @ weights[i]
+        return g
 
 
 class AffineCoupling(PointLayer):
@@ -158,11 +213,15 @@ class AffineCoupling(PointLayer):
         self.scale_bound = float(scale_bound)
         self.net = mlp(int(conditioning.numel()), 2 * self.n_transformed, hidden, depth)
 
+    def _bounded_scale(self, raw: Tensor) -> Tuple[Tensor, Tensor]:
+        """``s = bound · tanh(raw)`` and the tanh, from which ``ds/draw = bound − s · tanh`` follows."""
+        tanh = torch.tanh(raw)
+        return self.scale_bound * tanh, tanh
+
     def _scale_shift(self, qa: Tensor) -> Tuple[Tensor, Tensor]:
         out = self.net(qa)
-        s = self.scale_bound * torch.tanh(out[..., : self.n_transformed])
-        t = out[..., self.n_transformed:]
-        return s, t
+        s, _ = self._bounded_scale(out[..., : self.n_transformed])
+        return s, out[..., self.n_transformed:]
 
     def _split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         return x.index_select(-1, self.conditioning), x.index_select(-1, self.transformed)
@@ -180,65 +239,52 @@ class AffineCoupling(PointLayer):
         s, t = self._scale_shift(Qa)
         return self._assemble(Qa, (Qb - t) * torch.exp(-s))
 
-    def _scale_shift_with_vjp(self, qa: Tensor) -> Tuple[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
-        """``s``, ``t`` and the map ``(c_s, c_t) ↦ c_s ∂s/∂q_a + c_t ∂t/∂q_a``."""
-        out, net_vjp = mlp_with_vjp(self.net, qa)
-        tanh = torch.tanh(out[..., : self.n_transformed])
-        s = self.scale_bound * tanh
-        ds_dout = self.scale_bound - s * tanh
-        return s, out[..., self.n_transformed:], lambda c_s, c_t: net_vjp(torch.cat([c_s * ds_dout, c_t], dim=-1))
+    def _linearisation(self, qa: Tensor, b: Tensor, b_is_output: bool) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """``(t, q_b e^s, saved)`` at conditioning coordinates ``qa``; ``saved`` is what :meth:`pullback` needs,
+        ``e^s`` first.
+
+        ``b`` is ``q_b``, or ``Q_b`` when ``b_is_output`` (then ``q_b e^s = Q_b − t``).
+        """
+        out, slopes = self.net.forward_saving(qa)
+        s, tanh = self._bounded_scale(out[..., : self.n_transformed])
+        t = out[..., self.n_transformed:]
+        scale = torch.exp(s)
+        qb_scaled = b - t if b_is_output else b * scale
+        # ∂Q_b/∂s = q_b e^s; saved: e^s, q_b e^s ds/draw, then the conditioner's SiLU slopes.
+        saved = [scale, qb_scaled * (self.scale_bound - s * tanh)] + slopes
+        return t, qb_scaled, saved
+
+    @torch.jit.export
+    def forward_saving(self, q: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """``Q = f(q)`` and what :meth:`pullback` needs at ``q`` (TorchScript-friendly; no autograd involved)."""
+        qa, qb = self._split(q)
+        t, qb_scaled, saved = self._linearisation(qa, qb, False)
+        return self._assemble(qa, qb_scaled + t), saved
+
+    @torch.jit.export
+    def pullback(self, saved: List[Tensor], cotangent: Tensor) -> Tensor:
+        """``c ∂Q/∂q`` for row covectors ``c`` on ``Q`` (any number of rows), at the point :meth:`forward_saving` saw.
+
+        This is the momentum map ``p = P ∂Q/∂q`` with ``c`` in place of ``P``.
+        """
+        ca, cb = self._split(cotangent)
+        return self._assemble(ca + self._conditioner_pullback(saved, cb), cb * saved[0])
+
+    def _conditioner_pullback(self, saved: List[Tensor], cb: Tensor) -> Tensor:
+        """``cb (∂Q_b/∂q_a)``: through the scale (``cb q_b e^s ds/draw``) and the shift (``cb``) into the net."""
+        return self.net.pullback(saved[2:], torch.cat([cb * saved[1], cb], dim=-1))
 
     def forward_with_momentum(self, q: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
-        qa, qb = self._split(q)
+        Q, saved = self.forward_saving(q)
         pa, pb = self._split(p)
-        s, t, vjp = self._scale_shift_with_vjp(qa)
-        scale = torch.exp(s)
-        Pb = pb / scale
-        # (∂Q_b/∂q_a)ᵀ P_b with ∂Q_b/∂s = q_b e^s, and q_b e^s P_b = q_b p_b.
-        Pa = pa - vjp(qb * pb, Pb)
-        return self._assemble(qa, qb * scale + t), self._assemble(Pa, Pb)
+        Pb = pb / saved[0]
+        # P solves p = P ∂Q/∂q (see pullback): P_b = p_b e^−s, P_a = p_a − P_b ∂Q_b/∂q_a.
+        return Q, self._assemble(pa - self._conditioner_pullback(saved, Pb), Pb)
 
     def inverse_with_momentum(self, Q: Tensor, P: Tensor) -> Tuple[Tensor, Tensor]:
         Qa, Qb = self._split(Q)
-        Pa, Pb = self._split(P)
-        s, t, vjp = self._scale_shift_with_vjp(Qa)
-        scale = torch.exp(s)
-        shifted = Qb - t  # = q_b e^s
-        pa = Pa + vjp(shifted * Pb, Pb)
-        return self._assemble(Qa, shifted / scale), self._assemble(pa, Pb * scale)
-
-
-def mlp_with_vjp(net: nn.Sequential, x: Tensor) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """The output of an :func:`mlp` at ``x`` and the map ``c ↦ c ∂net/∂x`` (a row cotangent per sample), in closed
-    form: the layers' transposed weights times the SiLU slopes saved on the way forward.
-
-    Examples
-    --------
-    >>> net = mlp(3, 2, hidden=8, depth=2, zero_output=False)
-    >>> x, c = torch.randn(4, 3), torch.randn(4, 2)
-    >>> out, vjp = mlp_with_vjp(net, x)
-    >>> x_ = x.clone().requires_grad_(True)
-    >>> torch.allclose(vjp(c), torch.autograd.grad(net(x_), x_, c)[0], atol=1e-6)
-    True
-    """
-    linears = [module for module in net if isinstance(module, nn.Linear)]
-    if [type(module) for module in net] != [nn.Linear, nn.SiLU] * (len(linears) - 1) + [nn.Linear]:
-        raise ValueError("mlp_with_vjp needs the Linear/SiLU layout that mlp() builds, got "
-                         f"{[type(module).__name__ for module in net]}")
-    slopes = []
-    h = x
-    for linear in linears[:-1]:
-        h, slope = _silu_with_slope(F.linear(h, linear.weight, linear.bias))
-        slopes.append(slope)
-    out = F.linear(h, linears[-1].weight, linears[-1].bias)
-
-    def vjp(cotangent: Tensor) -> Tensor:
-        g = cotangent @ linears[-1].weight
-        for linear, slope in zip(reversed(linears[:-1]), reversed(slopes)):
-            g = (g * slope) @ linear.weight
-        return g
-
-    return out, vjp
+        _, qb_scaled, saved = self._linearisation(Qa, Qb, True)
+        return self._assemble(Qa, qb_scaled / saved[0]), self.pullback(saved, P)
 
 
 def _silu_with_slope(a: Tensor) -> Tuple[Tensor, Tensor]:
