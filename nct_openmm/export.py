@@ -17,12 +17,16 @@ from torch import Tensor, nn
 
 from .core.distill import fit_student
 from .core.layers import AffineCoupling, AffinePoint, LinearPoint
-from .geometry import kabsch_align, unwrap
+from .geometry import kabsch_align, kabsch_align_saving, kabsch_pullback, rotation_generators, unwrap
 
 
 class AlignedInput(nn.Module):
     """The front of every exported CV: selected atoms, unwrapped and aligned, mapped to the whitened internal
-    coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix."""
+    coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix.
+
+    ``forward`` is the front under autograd; the exported CVs use :meth:`selected` (under autograd),
+    :meth:`transform_saving` and :meth:`pullback` (outside it) instead.
+    """
 
     def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype):
         super().__init__()
@@ -35,33 +39,59 @@ class AlignedInput(nn.Module):
         in_matrix, in_shift = _fused_input(frame, pre)
         self.register_buffer("in_matrix", in_matrix.to(dtype))
         self.register_buffer("in_shift", in_shift.to(dtype))
+        self.register_buffer("rotation_generators", rotation_generators(dtype))
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        x = positions[self.atom_indices].to(self.in_matrix.dtype)
-        if boxvectors is not None:
-            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
+        x = self.selected(positions, boxvectors)
         if self.align:
             x = kabsch_align(x, self.reference, self.masses, iterative=x.is_cuda)
         return (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
 
+    @torch.jit.export
+    def selected(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        """The selected atoms ``(n, 3)`` in the exported dtype, made whole across periodic boundaries."""
+        x = positions[self.atom_indices].to(self.in_matrix.dtype)
+        if boxvectors is not None:
+            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
+        return x
+
+    @torch.jit.export
+    def transform_saving(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """``y (1, d)`` from selected atoms ``x``, and what :meth:`pullback` needs."""
+        saved: List[Tensor] = []
+        if self.align:
+            x, saved = kabsch_align_saving(x, self.reference, self.masses, iterative=x.is_cuda)
+        return (x.reshape(1, -1) @ self.in_matrix) + self.in_shift, saved
+
+    @torch.jit.export
+    def pullback(self, saved: List[Tensor], cotangent: Tensor) -> Tensor:
+        """Row covectors ``(K, d)`` on ``y`` → on the selected atoms, ``(K, n, 3)``."""
+        onAtoms = (cotangent @ self.in_matrix.t()).reshape(cotangent.shape[0], -1, 3)
+        if self.align:
+            onAtoms = kabsch_pullback(saved, onAtoms, self.rotation_generators)
+        return onAtoms
+
 
 class _LinearisedCV(nn.Module):
-    """Base of the exported CVs: the aligned front under autograd, the network after it outside.
+    """Base of the exported CVs: only the atom selection (and unwrapping) runs under autograd.
 
-    The network (couplings, or a student MLP) enters autograd as its value plus a linear term whose matrix is its
-    Jacobian with respect to the front's output, pulled back in closed form (:meth:`modes_and_jacobian`): exact
-    forces from a few dozen operations instead of a backward pass of several hundred. Second derivatives of the
-    modes are therefore not available (OpenMM needs none).
+    Alignment, input map and network (couplings, or a student MLP) run outside it and enter as their value plus a
+    linear term in the selected positions, whose matrix is the modes' gradient pulled back in closed form through
+    the network (:meth:`modes_and_jacobian`), the input map and the alignment (:func:`~nct_openmm.geometry.
+    kabsch_pullback`): exact forces from a few dozen operations instead of a backward pass of several hundred.
+    Second derivatives of the modes are therefore not available (OpenMM needs none).
     """
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        y = self.input(positions, boxvectors)
+        x = self.input.selected(positions, boxvectors)
         # The constant copy is made under no_grad, not with detach(), which torch.jit.freeze (applied by
         # TorchForce) would remove.
         with torch.no_grad():
-            fixed = y.clone()
-            modes, jacobian = self.modes_and_jacobian(fixed)
-        return (modes + (y - fixed) @ jacobian)[0].to(positions.dtype)
+            fixed = x.clone()
+            y, saved = self.input.transform_saving(fixed)
+            modes, jacobian = self.modes_and_jacobian(y)
+            gradient = self.input.pullback(saved, jacobian.t()).reshape(jacobian.shape[1], -1)
+        return (modes + (x - fixed).reshape(1, -1) @ gradient.t())[0].to(positions.dtype)
 
     def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
         """The modes ``(1, K)`` at the front's output ``y`` ``(1, d)`` and their derivatives ``(d, K)``."""

@@ -28,7 +28,7 @@ from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import kabsch_align
+from nct_openmm.geometry import kabsch_align, kabsch_align_saving, kabsch_pullback, rotation_generators
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import builtinSystem, harmonicChainFrequencies, harmonicChainSystem
@@ -333,6 +333,24 @@ def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
     assert (gradients[0] - gradients[1]).abs().max() < 1e-10
     single = kabsch_align(moved.detach().float(), reference.float(), masses.float(), iterative=True)
     assert (single.double() - exact.detach()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_kabsch_pullback_is_the_alignment_gradient(ala2_data, iterative):
+    """The closed-form pullback the exported CVs use equals autograd through the alignment, row by row."""
+    x = torch.as_tensor(ala2_data.positions[::100])
+    masses = torch.as_tensor(ala2_data.masses)
+    reference = kabsch_align(x[0], x[0], masses)
+    probes = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    pullback = torch.jit.script(kabsch_pullback)
+    for structure in x[1:] + torch.tensor([0.4, -1.0, 2.0], dtype=torch.float64):
+        aligned, saved = kabsch_align_saving(structure, reference, masses, iterative)
+        moved = structure.clone().requires_grad_(True)
+        expected = kabsch_align(moved, reference, masses, iterative)
+        assert (aligned - expected).abs().max() < 1e-12
+        rows = [torch.autograd.grad((expected * probe).sum(), moved, retain_graph=True)[0] for probe in probes]
+        np.testing.assert_allclose(pullback(saved, probes, rotation_generators()).numpy(), torch.stack(rows).numpy(),
+                                   rtol=1e-10, atol=1e-12)
 
 
 class _AlignedProbe(torch.nn.Module):
