@@ -79,22 +79,30 @@ class _LinearisedCV(nn.Module):
     linear term in the selected positions, whose matrix is the modes' gradient pulled back in closed form through
     the network (:meth:`modes_and_jacobian`), the input map and the alignment (:func:`~nct_openmm.geometry.
     kabsch_pullback`): exact forces from a few dozen operations instead of a backward pass of several hundred.
-    Second derivatives of the modes are therefore not available (OpenMM needs none).
+    Second derivatives of the modes are therefore not available (OpenMM needs none). When the positions carry no
+    gradient (under ``torch.no_grad``, or an energy-only evaluation) the Jacobian is skipped; the values are the
+    same to the last bit.
     """
 
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         x = self.input.selected(positions, boxvectors)
+        # Values only (under no_grad, or an energy-only evaluation) need no Jacobian.
+        needsGradient = x.requires_grad
         # The constant copy is made under no_grad, not with detach(), which torch.jit.freeze (applied by
         # TorchForce) would remove.
         with torch.no_grad():
             fixed = x.clone()
             y, saved = self.input.transform_saving(fixed)
-            modes, jacobian = self.modes_and_jacobian(y)
-            gradient = self.input.pullback(saved, jacobian.t()).reshape(jacobian.shape[1], -1)
-        return (modes + (x - fixed).reshape(1, -1) @ gradient.t())[0].to(positions.dtype)
+            modes, jacobian = self.modes_and_jacobian(y, needsGradient)
+        if needsGradient:
+            with torch.no_grad():
+                gradient = self.input.pullback(saved, jacobian.t()).reshape(jacobian.shape[1], -1)
+            modes = modes + (x - fixed).reshape(1, -1) @ gradient.t()
+        return modes[0].to(positions.dtype)
 
-    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
-        """The modes ``(1, K)`` at the front's output ``y`` ``(1, d)`` and their derivatives ``(d, K)``."""
+    def modes_and_jacobian(self, y: Tensor, jacobian: bool) -> Tuple[Tensor, Tensor]:
+        """The modes ``(1, K)`` at the front's output ``y`` ``(1, d)`` and, if ``jacobian``, their derivatives
+        ``(d, K)`` (else an empty tensor)."""
         raise NotImplementedError
 
 
@@ -127,16 +135,19 @@ class SlowModeModule(_LinearisedCV):
         self.temperature = float(model.temperature)
 
     @torch.jit.export
-    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def modes_and_jacobian(self, y: Tensor, jacobian: bool) -> Tuple[Tensor, Tensor]:
         saved: List[List[Tensor]] = []
         for coupling in self.couplings:
             y, state = coupling.forward_saving(y)
             saved.append(state)
-        # One cotangent row per mode, pulled back through the couplings like momenta (p = P ∂Q/∂q).
-        cotangents = self.out_matrix.t()
-        for coupling in self.reversed_couplings:
-            cotangents = coupling.pullback(saved.pop(), cotangents)
-        return y @ self.out_matrix, cotangents.t()
+        derivatives = y.new_empty(0)
+        if jacobian:
+            # One cotangent row per mode, pulled back through the couplings like momenta (p = P ∂Q/∂q).
+            cotangents = self.out_matrix.t()
+            for reversed_coupling in self.reversed_couplings:
+                cotangents = reversed_coupling.pullback(saved.pop(), cotangents)
+            derivatives = cotangents.t()
+        return y @ self.out_matrix, derivatives
 
 
 class StudentModule(_LinearisedCV):
@@ -154,9 +165,12 @@ class StudentModule(_LinearisedCV):
         self.student_report: Dict[str, float] = {key: float(value) for key, value in (report or {}).items()}
 
     @torch.jit.export
-    def modes_and_jacobian(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def modes_and_jacobian(self, y: Tensor, jacobian: bool) -> Tuple[Tensor, Tensor]:
         modes, slopes = self.net.forward_saving(y)
-        return modes, self.net.pullback(slopes, self.mode_rows).t()
+        derivatives = y.new_empty(0)
+        if jacobian:
+            derivatives = self.net.pullback(slopes, self.mode_rows).t()
+        return modes, derivatives
 
 
 def _fused_input(frame, pre: AffinePoint):
