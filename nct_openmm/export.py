@@ -70,10 +70,10 @@ class AlignedInput(nn.Module):
     @torch.jit.export
     def pullback(self, saved: List[Tensor], cotangent: Tensor) -> Tensor:
         """Row covectors ``(K, d)`` on ``y`` → on the selected atoms, ``(K, n, 3)``."""
-        onAtoms = (cotangent @ self.in_matrix.t()).reshape(cotangent.shape[0], -1, 3)
+        on_atoms = (cotangent @ self.in_matrix.t()).reshape(cotangent.shape[0], -1, 3)
         if self.align:
-            onAtoms = kabsch_pullback(saved, onAtoms, self.rotation_generators)
-        return onAtoms
+            on_atoms = kabsch_pullback(saved, on_atoms, self.rotation_generators)
+        return on_atoms
 
 
 class _LinearisedCV(nn.Module):
@@ -91,14 +91,14 @@ class _LinearisedCV(nn.Module):
     def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
         x = self.input.selected(positions, boxvectors)
         # Values only (under no_grad, or an energy-only evaluation) need no Jacobian.
-        needsGradient = x.requires_grad
+        needs_gradient = x.requires_grad
         # The constant copy is made under no_grad, not with detach(), which torch.jit.freeze (applied by
         # TorchForce) would remove.
         with torch.no_grad():
             fixed = x.clone()
             y, saved = self.input.transform_saving(fixed)
-            modes, jacobian = self.modes_and_jacobian(y, needsGradient)
-        if needsGradient:
+            modes, jacobian = self.modes_and_jacobian(y, needs_gradient)
+        if needs_gradient:
             with torch.no_grad():
                 gradient = self.input.pullback(saved, jacobian.t()).reshape(jacobian.shape[1], -1)
             modes = modes + (x - fixed).reshape(1, -1) @ gradient.t()
