@@ -8,8 +8,8 @@ is as small as the flow allows. Each mode is scaled to unit variance under the m
 hill width fits all modes.
 
 Forces: the modes' gradient is pulled back in closed form through the network, the input map and the alignment,
-and enters autograd as one linear term (:class:`_LinearisedCV`); the backward pass that ``TorchForce`` runs is two
-small operations. Exported CVs therefore have exact first derivatives and no second derivatives.
+and enters autograd as one linear term (:class:`_LinearisedCV`); the backward pass that ``TorchForce`` runs is a
+handful of small operations. Exported CVs therefore have exact first derivatives and no second derivatives.
 """
 import copy
 import os
