@@ -62,7 +62,7 @@ def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor, iterative: bool 
     optimal rotation for a fraction of the kernels of differentiating ten Newton steps. On a CPU, where every
     operation costs microseconds of overhead, differentiating the one SVD is cheaper.
     """
-    w, centred, covariance = _centre_and_covariance(x, reference, weights)
+    _, centred, _, covariance = _centre_and_covariance(x, reference, weights)
     if iterative:
         with torch.no_grad():
             rotation = polar_rotation(covariance)
@@ -73,19 +73,20 @@ def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor, iterative: bool 
 
 
 def _centre_and_covariance(x: Tensor, reference: Tensor, weights: Tensor):
-    """Normalised weights ``w``, ``x`` centred on its weighted centre, and ``C = centredᵀ (w r)``."""
+    """Normalised weights ``w``, ``x`` centred on its weighted centre, ``w r`` and ``C = centredᵀ (w r)``."""
     w = weights / weights.sum()
     centred = x - (w[:, None] * x).sum(-2, keepdim=True)
-    return w, centred, centred.transpose(-1, -2) @ (w[:, None] * reference)
+    weighted_reference = w[:, None] * reference
+    return w, centred, weighted_reference, centred.transpose(-1, -2) @ weighted_reference
 
 
 def kabsch_align_saving(x: Tensor, reference: Tensor, weights: Tensor, iterative: bool = False):
     """:func:`kabsch_align` of one structure ``x (n, 3)`` for use outside autograd, and what
     :func:`kabsch_pullback` needs: ``(aligned, saved)``."""
-    w, centred, covariance = _centre_and_covariance(x, reference, weights)
+    w, centred, weighted_reference, covariance = _centre_and_covariance(x, reference, weights)
     rotation = polar_rotation(covariance) if iterative else _svd_rotation(covariance)
     aligned = centred @ rotation
-    return aligned, [aligned, rotation, covariance, w, w[:, None] * reference]
+    return aligned, [aligned, rotation, covariance, w, weighted_reference]
 
 
 def kabsch_pullback(saved: List[Tensor], cotangent: Tensor, generators: Tensor) -> Tensor:
@@ -98,9 +99,7 @@ def kabsch_pullback(saved: List[Tensor], cotangent: Tensor, generators: Tensor) 
     all K rows, instead of the backward pass of an SVD.
     """
     aligned, rotation, covariance, w, weighted_reference = saved
-    p = rotation.t() @ covariance
-    eye = torch.eye(3, dtype=p.dtype, device=p.device)
-    solve = torch.linalg.inv_ex(p.diagonal().sum() * eye - p)[0]
+    solve = _rotation_response(rotation, covariance)
     omega_covector = (aligned.t() @ cotangent).reshape(-1, 9) @ generators.t()
     covariance_covector = rotation @ ((omega_covector @ solve) @ generators).reshape(-1, 3, 3)
     centred_covector = cotangent @ rotation.t() + weighted_reference @ covariance_covector.transpose(-1, -2)
@@ -139,10 +138,7 @@ def _differentiable_rotation(rotation: Tensor, covariance: Tensor) -> Tensor:
     # removes detach, and C − C₀ would then carry no derivative at all.
     with torch.no_grad():
         fixed = covariance.clone()
-        p = rotation.transpose(-1, -2) @ fixed
-        trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-        eye = torch.eye(3, dtype=p.dtype, device=p.device)
-        solve = torch.linalg.inv_ex(trace * eye - p)[0]
+        solve = _rotation_response(rotation, fixed)
     a = rotation.transpose(-1, -2) @ (covariance - fixed)
     skew = a - a.transpose(-1, -2)
     v = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], dim=-1)
@@ -152,6 +148,14 @@ def _differentiable_rotation(rotation: Tensor, covariance: Tensor) -> Tensor:
                              torch.stack([omega[..., 2], zero, -omega[..., 0]], dim=-1),
                              torch.stack([-omega[..., 1], omega[..., 0], zero], dim=-1)], dim=-2)
     return rotation + rotation @ generator
+
+
+def _rotation_response(rotation: Tensor, covariance: Tensor) -> Tensor:
+    """``S = ((tr P) I − P)⁻¹`` with ``P = Rᵀ C``: how the optimal rotation turns, ``ω = S vec(Rᵀ dC − dCᵀ R)``."""
+    p = rotation.transpose(-1, -2) @ covariance
+    trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    eye = torch.eye(3, dtype=p.dtype, device=p.device)
+    return torch.linalg.inv_ex(trace * eye - p)[0]
 
 
 #: Newton steps of :func:`polar_rotation`. With determinant scaling, the alignment covariance of alanine dipeptide's

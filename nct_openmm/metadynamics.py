@@ -169,6 +169,7 @@ class HermiteBiasGrid(torch.nn.Module):
         self.register_buffer("hillCount", torch.tensor(float(hillCount), dtype=torch.float64))
         half = max(self.halfWindows)
         self.register_buffer("offsets", torch.arange(-half, half + 1, dtype=torch.long))
+        self.register_buffer("withinCutoff", self.offsets.abs()[None, :] <= torch.tensor(self.halfWindows)[:, None])
         self.register_buffer("nodeSpacings", torch.tensor(self.spacings, dtype=torch.float64))
         self.register_buffer("nodeCoordinates", _nodeCoordinates(self.lows, self.sizes, self.spacings))
         for name, tensor in _interpolationTables(self.lows, self.highs, self.sizes, self.spacings).items():
@@ -186,6 +187,11 @@ class HermiteBiasGrid(torch.nn.Module):
         return g, g * z * (-1.0 / self.widths[k])
 
     @torch.jit.export
+    def nearestNodes(self, centres: torch.Tensor) -> torch.Tensor:
+        """Index of the node nearest to each centre along each mode: ``(..., K)`` → ``(..., K)`` (long)."""
+        return torch.round((centres - self.rangeLow) / self.nodeSpacings).to(torch.long)
+
+    @torch.jit.export
     def deposit(self, centre: torch.Tensor, height: torch.Tensor):
         """Add ``height × Gaussian(centre)`` to the nodes within the cutoff: a box of the grid, updated in place.
 
@@ -195,10 +201,10 @@ class HermiteBiasGrid(torch.nn.Module):
         """
         region = self.values.view([self.values.shape[0]] + self.sizes)
         channels = height.to(torch.float64).view(1, 1)
-        nearestNodes: List[float] = torch.round((centre - self.rangeLow) / self.nodeSpacings).tolist()
+        nearestNodes: List[int] = self.nearestNodes(centre).tolist()
         factors = torch.empty(0, dtype=torch.float64)
         for k in range(self.numModes):
-            nearest = int(nearestNodes[k])
+            nearest = nearestNodes[k]
             first = max(nearest - self.halfWindows[k], 0)
             last = min(nearest + self.halfWindows[k], self.sizes[k] - 1)
             if first > last:
@@ -223,10 +229,10 @@ class HermiteBiasGrid(torch.nn.Module):
         """
         flat = torch.zeros(1, dtype=torch.long, device=self.values.device)
         channels = height.to(torch.float64).view(1, 1)
-        nearestNodes = torch.round((centre - self.rangeLow) / self.nodeSpacings).to(torch.long)
+        nearestNodes = self.nearestNodes(centre)
         for k in range(self.numModes):
             nodes = nearestNodes[k] + self.offsets
-            kept = ((nodes >= 0) & (nodes < self.sizes[k]) & (self.offsets.abs() <= self.halfWindows[k]))
+            kept = (nodes >= 0) & (nodes < self.sizes[k]) & self.withinCutoff[k]
             nodes = nodes.clamp(0, self.sizes[k] - 1)
             g, dg = self.gaussianFactors(k, self.nodeCoordinates[k].index_select(0, nodes), centre[k])
             channels = _outerChannels(torch.stack([g, dg]) * kept.to(torch.float64), channels)
@@ -423,14 +429,14 @@ def _depositDense(grid, centres, heights, chunk=256):
         for start in range(0, len(heights), chunk):
             c = torch.as_tensor(centres[start:start + chunk], dtype=torch.float64)
             h = torch.as_tensor(heights[start:start + chunk], dtype=torch.float64)
-            factors = [_denseFactors(grid, k, c[:, k]) for k in range(numModes)]
+            nearest = grid.nearestNodes(c)
+            factors = [_denseFactors(grid, k, c[:, k], nearest[:, k, None]) for k in range(numModes)]
             for channel in range(2 ** numModes):
                 perMode = [factors[k][(channel >> k) & 1] for k in range(numModes)]
                 grid.values[channel] += torch.einsum(equation, h, *perMode).reshape(-1)
 
 
-def _denseFactors(grid, k, centres):
-    nearest = torch.round((centres - grid.lows[k]) / grid.spacings[k]).to(torch.long)[:, None]
+def _denseFactors(grid, k, centres, nearest):
     inside = ((torch.arange(grid.sizes[k])[None, :] - nearest).abs() <= grid.halfWindows[k]).to(torch.float64)
     g, dg = grid.gaussianFactors(k, grid.nodeCoordinates[k, :grid.sizes[k]][None, :], centres[:, None])
     return g * inside, dg * inside
