@@ -27,6 +27,7 @@ import torch
 from openmm import app, unit
 
 from nct_openmm.backend import createTorchForce
+from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit
 
 __all__ = [
     "SlowModeCV",
@@ -38,7 +39,6 @@ __all__ = [
     "checkSystemCompatible",
 ]
 
-NUM_FORCE_GROUPS = 32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,23 +216,6 @@ def _checkMode(cvModule, mode):
     if not 0 <= index < numModes:
         raise ValueError(f"mode {mode} does not exist: the CV module has {numModes} modes, 0 to {numModes - 1}")
     return index
-
-
-def _energyValue(value):
-    """A float in kJ/mol from a float or an energy Quantity."""
-    if unit.is_quantity(value):
-        return value.value_in_unit(unit.kilojoule_per_mole)
-    return float(value)
-
-
-def _freeForceGroup(system):
-    """The highest force group no force of ``system`` uses (as ``app.Metadynamics`` chooses)."""
-    used = {force.getForceGroup() for force in system.getForces()}
-    free = sorted(set(range(NUM_FORCE_GROUPS)) - used)
-    if not free:
-        raise ValueError(f"all {NUM_FORCE_GROUPS} force groups of the System are in use; pass forceGroup= to "
-                         "share one with another force")
-    return free[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,7 +436,7 @@ class LatentBiasForce:
         if self._force is not None:
             raise RuntimeError("this LatentBiasForce has already been added to a System")
         checkSystemCompatible(system, self._cvModule)
-        group = _freeForceGroup(system) if forceGroup is None else int(forceGroup)
+        group = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         parameters = self._globalParameters()
         module = _latentBiasModule(self._periodic, len(parameters))(
             self._cvModule, list(self._restraints), list(self._walls))
@@ -577,7 +560,7 @@ class LatentBiasForce:
 
     @staticmethod
     def _forceConstant(value):
-        value = _energyValue(value)
+        value = valueInUnit(value, unit.kilojoule_per_mole)
         if value < 0:
             raise ValueError(f"a force constant must be non-negative, got {value}")
         return value

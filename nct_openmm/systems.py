@@ -55,6 +55,33 @@ def valueInUnit(value, targetUnit):
     return float(value)
 
 
+#: Force groups an OpenMM System offers (0-31).
+NUM_FORCE_GROUPS = 32
+
+
+def checkForceGroup(group):
+    """``group`` as an int, or a ValueError naming the allowed range."""
+    if int(group) != group or not 0 <= int(group) < NUM_FORCE_GROUPS:
+        raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
+    return int(group)
+
+
+def freeForceGroup(system):
+    """The highest force group no force of ``system`` uses (as ``app.Metadynamics`` chooses).
+
+    Example
+    -------
+    >>> freeForceGroup(openmm.System())
+    31
+    """
+    used = {force.getForceGroup() for force in system.getForces()}
+    free = sorted(set(range(NUM_FORCE_GROUPS)) - used)
+    if not free:
+        raise ValueError(f"all {NUM_FORCE_GROUPS} force groups of the System are in use; pass forceGroup= to "
+                         "share one with another force")
+    return free[-1]
+
+
 def availablePlatforms():
     """Names of the OpenMM platforms that loaded in this process, slowest first.
 

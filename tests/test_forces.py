@@ -409,6 +409,8 @@ def test_all_force_groups_used_is_a_clear_error(cvModule):
         system.addForce(extra)
     with pytest.raises(ValueError, match="all 32 force groups"):
         LatentBiasForce(cvModule).addToSystem(system)
+    with pytest.raises(ValueError, match="forceGroup must be an integer from 0 to 31, got 32"):
+        LatentBiasForce(cvModule).addToSystem(system, forceGroup=32)
     LatentBiasForce(cvModule).addToSystem(system, forceGroup=31)
 
 
