@@ -9,13 +9,15 @@ random, so that every coupling does real work; the arithmetic per evaluation is 
 Variants, all on the same system and platform, built once and timed in turns inside one process:
 
 - ``plain``: no bias;
-- ``plain-mts``: no bias, integrated by ``openmm.MTSLangevinIntegrator`` (every force at every 2 fs step): the
-  cost of that integrator alone, which bounds what the MTS variants can reach;
+- ``plain-mts``: no bias, integrated by the MTS integrator (:class:`nct_openmm.integrators.MTSLangevinMiddleIntegrator`,
+  every force at every 2 fs step): the cost of that integrator alone, which bounds what the MTS variants can reach;
 - ``naive``: ``openmm.app.Metadynamics`` with one ``TorchForce`` per mode (``slowModeBiasVariables``), i.e. two
   evaluations of the CV model per step plus a spline over the grid;
 - ``nct``: ``LatentMetadynamics``: both modes and the grid bias in one ``TorchForce``;
 - ``nct-mts4`` / ``nct-mts8``: the same force in its own group, applied every 4th / 8th inner step by
-  ``openmm.MTSLangevinIntegrator`` (outer step 8 / 16 fs);
+  ``MTSLangevinMiddleIntegrator`` (outer step 8 / 16 fs);
+- ``nct-mts8-symmetric`` / ``student-mts8-symmetric`` (not run by default): the same with
+  ``openmm.MTSLangevinIntegrator``, whose symmetric splitting evaluates the fast forces once more per outer step;
 - ``nct-float64``: ``nct`` with the CV model exported in float64 instead of float32;
 - ``student`` / ``student-mts8`` (and ``student-mts16``, not run by default; needs ``--steps`` a multiple of 16):
   ``nct`` / ``nct-mts8`` with a small network distilled from the flow (:func:`nct_openmm.export.student_module`,
@@ -67,7 +69,8 @@ from nct_openmm.data import thermal_energy  # noqa: E402
 from nct_openmm.export import slow_mode_module, student_module  # noqa: E402
 from nct_openmm.forces import slowModeBiasVariables  # noqa: E402
 from nct_openmm.geometry import InternalFrame, spanning_tree  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.integrators import biasGroups, mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
 from nct_openmm.slowmodes import SlowModeModel, average_structure  # noqa: E402
 from nct_openmm.systems import builtinSystem, getPlatform, platformProperties  # noqa: E402
 
@@ -79,9 +82,10 @@ MODES = 2
 RANGE, WIDTH, BIAS_FACTOR, HEIGHT = (-4.0, 4.0), 0.3, 6.0, 1.0
 HILL_PS = 1.0
 VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8",
-            "floor", "floor-mts8", "student-mts16")
+            "floor", "floor-mts8", "student-mts16", "nct-mts8-symmetric", "student-mts8-symmetric")
 DEFAULT_VARIANTS = VARIANTS[:9]
-MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8, "student-mts16": 16}
+MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8, "student-mts16": 16,
+               "nct-mts8-symmetric": 8, "student-mts8-symmetric": 8}
 
 
 def main(argv=None):
@@ -268,6 +272,10 @@ def buildVariants(model, systemName, platform, options, names):
             advance, biasGroup = _BoundStepper(meta), meta.forceGroup
         if name == "plain-mts":
             integrator = _integrator(system, 1, None, mts=True)
+        elif name.endswith("-symmetric"):
+            integrator = openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond,
+                                                      stride * STEP_PS * unit.picoseconds,
+                                                      biasGroups(system, biasGroup, stride))
         else:
             integrator = _integrator(system, stride, None if stride == 1 else biasGroup)
         simulation = app.Simulation(molecule.topology, system, integrator, platform, _properties(platform, options))
@@ -313,8 +321,8 @@ def _hillFrequency(stride):
 
 
 def _integrator(system, stride, biasGroup, mts=False):
-    """LangevinMiddleIntegrator at 2 fs; with a bias group (or ``mts``), MTSLangevinIntegrator applying the bias
-    group once and every other group ``stride`` times per outer step."""
+    """LangevinMiddleIntegrator at 2 fs; with a bias group (or ``mts``), MTSLangevinMiddleIntegrator applying the
+    bias group once and every other group ``stride`` times per outer step."""
     temperature, friction = TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond
     if biasGroup is None and not mts:
         return openmm.LangevinMiddleIntegrator(temperature, friction, STEP_PS * unit.picoseconds)
@@ -406,14 +414,15 @@ def _nsPerDay(variant, innerSteps, minSeconds):
 def printTable(rows, options):
     print(f"ns/day of biased MD against plain MD (median of {options.rounds} interleaved rounds; ratio: median of "
           "per-round ratios [min-max])")
-    print(f"{'platform':>9} {'system':>14} {'variant':>12} {'ns/day':>9} {'% of plain':>11} {'spread':>15} "
+    width = max([len("variant")] + [len(row["variant"]) for row in rows])
+    print(f"{'platform':>9} {'system':>14} {'variant':>{width}} {'ns/day':>9} {'% of plain':>11} {'spread':>15} "
           f"{'ms/2fs':>8} {'bias ms/2fs':>12}")
     for row in rows:
         if row["ns_per_day"] is None:
-            print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>12}   failed: {row['error']}")
+            print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>{width}}   failed: {row['error']}")
             continue
         spread = f"[{100 * row['ratio_min']:.1f}-{100 * row['ratio_max']:.1f}]"
-        print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>12} {row['ns_per_day']:>9.2f} "
+        print(f"{row['platform']:>9} {row['system']:>14} {row['variant']:>{width}} {row['ns_per_day']:>9.2f} "
               f"{100 * row['ratio_to_plain']:>10.1f}% {spread:>15} {row['ms_per_2fs']:>8.3f} "
               f"{row['bias_ms_per_2fs']:>12.3f}")
 
@@ -499,7 +508,7 @@ def _gridPoints(meta):
 
 def _fixedBiasRun(molecule, module, platform, options, start, stride, seed, frequencyPs, biasPath=None):
     """A LatentMetadynamics simulation; with ``biasPath`` its bias is loaded and never grows (sample with
-    ``simulation.step``). The integrator is MTSLangevinIntegrator for every stride, so only the stride differs."""
+    ``simulation.step``). The integrator is MTSLangevinMiddleIntegrator for every stride, so only the stride differs."""
     system = openmm.XmlSerializer.clone(molecule.system)
     frequency = 10 ** 9 if frequencyPs is None else max(1, int(round(frequencyPs / STEP_PS)))
     meta = LatentMetadynamics(system, module, [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin, BIAS_FACTOR,

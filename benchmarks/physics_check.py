@@ -4,7 +4,7 @@
   (:func:`nct_openmm.forces.slowModeBiasVariables`), its bias a spline refitted over the whole grid at every hill;
 - **fast**: :class:`nct_openmm.metadynamics.LatentMetadynamics` (CVs and bias in one ``TorchForce``, a Hermite grid
   updated near each hill inside the Context), alone and with the bias applied every 8th step
-  (``MTSLangevinIntegrator``, the lever behind the speed goals).
+  (:class:`nct_openmm.integrators.MTSLangevinMiddleIntegrator`, the lever behind the speed goals).
 
 Alanine dipeptide, OBC2 implicit solvent, 300 K, Langevin 1/ps, 2 fs steps, Reference platform.
 
@@ -46,7 +46,8 @@ sys.path.insert(0, REPOSITORY)
 from nct_openmm.analysis.dihedrals import LOWER_CORE, UPPER_CORE, count_transitions  # noqa: E402
 from nct_openmm.export import slow_mode_module  # noqa: E402
 from nct_openmm.forces import slowModeBiasVariables  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.integrators import mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
 from nct_openmm.slowmodes import SlowModeModel  # noqa: E402
 from nct_openmm.systems import builtinSystem, getPlatform  # noqa: E402
 

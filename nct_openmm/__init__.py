@@ -8,7 +8,7 @@ The package is layered so that data flows one way:
   shared by training and the exported CVs.
 - :mod:`nct_openmm.data`, :mod:`nct_openmm.systems`, :mod:`nct_openmm.simulate` — trajectories and OpenMM systems in.
 - :mod:`nct_openmm.export`, :mod:`nct_openmm.forces`, :mod:`nct_openmm.metadynamics` — the trained model as OpenMM
-  forces.
+  forces; :mod:`nct_openmm.integrators` — multiple time stepping that applies such a bias every n-th step.
 - :mod:`nct_openmm.analysis` — spectra, mutual information, PCA baseline, interpolation.
 - :mod:`nct_openmm.cli` — the ``nct`` command.
 """

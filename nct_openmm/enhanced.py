@@ -23,7 +23,8 @@ from nct_openmm.analysis import (basin_free_energy, count_transitions, free_ener
 from nct_openmm.data import BOLTZMANN
 from nct_openmm.export import slow_mode_module, student_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
-from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator
+from nct_openmm.integrators import mtsLangevinIntegrator
+from nct_openmm.metadynamics import LatentMetadynamics
 from nct_openmm.simulate import stepWithProgress
 from nct_openmm.systems import getPlatform, platformProperties
 
@@ -41,9 +42,10 @@ class SlowModeMetadynamicsSettings:
 
     Speed (``benchmarks/bias_overhead.py``): ``student`` evaluates a small network distilled from the flow
     (:func:`nct_openmm.export.student_module`; its errors go into the summary) instead of the flow;
-    ``biasStride`` n applies the bias every n-th 2-fs step with ``openmm.MTSLangevinIntegrator`` (outer step
-    n × 2 fs). Whether a stride is accurate depends on the CV: check the kinetic temperature and the free energy
-    against a stride-1 run (``bias_overhead.py --mts-accuracy``).
+    ``biasStride`` n applies the bias every n-th 2-fs step with
+    :func:`nct_openmm.integrators.mtsLangevinIntegrator` (outer step n × 2 fs). Whether a stride is accurate depends
+    on the CV: check the kinetic temperature and the free energy against a stride-1 run
+    (``bias_overhead.py --mts-accuracy``).
     """
 
     modes: int = 2

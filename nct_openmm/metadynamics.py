@@ -47,10 +47,11 @@ the captured graph, hills arrive, and the CUDA bias equals the Reference one; th
 1-element tensors there (0-d on the CPU platforms), which the module accepts. The hill-count check in
 :meth:`LatentMetadynamics.step` would stop a run on a build where hills do not arrive.
 
-Multiple time stepping: the bias force sits in its own force group (:attr:`LatentMetadynamics.forceGroup`), so an
-``openmm.MTSLangevinIntegrator`` can apply it every n-th inner step: :func:`mtsLangevinIntegrator` gives the bias
-group one substep of an outer step of n × 2 fs and every other group of the System n. ``frequency`` then counts
-outer steps. How much accuracy the slower bias costs is the user's to measure.
+Multiple time stepping: the bias force sits in its own force group (:attr:`LatentMetadynamics.forceGroup`), so a
+multiple-time-step integrator can apply it every n-th inner step:
+:func:`nct_openmm.integrators.mtsLangevinIntegrator` gives the bias group one substep of an outer step of n × 2 fs
+and every other group of the System n. ``frequency`` then counts outer steps. How much accuracy the slower bias
+costs is the user's to measure (``benchmarks/bias_overhead.py --mts-accuracy``).
 
 Examples
 --------
@@ -72,14 +73,14 @@ import torch
 from openmm import unit
 
 from nct_openmm.backend import createTorchForce
+from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit
 
-__all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule", "mtsLangevinIntegrator"]
+__all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule"]
 
 #: Version of the file written by :meth:`LatentMetadynamics.saveBias`.
 BIAS_FORMAT_VERSION = 1
 
 MAX_MODES = 3
-NUM_FORCE_GROUPS = 32
 
 #: Name of the force LatentMetadynamics adds (``Force.getName``).
 FORCE_NAME = "LatentMetadynamics"
@@ -520,21 +521,21 @@ class LatentMetadynamics:
         if any(not w > 0 for w in self._widths):
             raise ValueError(f"every hill width must be positive, got {self._widths}")
         self._sizes = self._gridSizes(gridWidth, numModes)
-        self.temperature = _inUnit(temperature, unit.kelvin)
+        self.temperature = valueInUnit(temperature, unit.kelvin)
         self.biasFactor = float(biasFactor)
         if not self.biasFactor > 1.0:
             raise ValueError(f"biasFactor must be greater than 1 (well-tempered metadynamics), got {biasFactor}")
-        self.height = _inUnit(height, unit.kilojoule_per_mole)
+        self.height = valueInUnit(height, unit.kilojoule_per_mole)
         self.frequency = _positiveInt(frequency, "frequency")
         self.stride = _positiveInt(stride, "stride")
-        self._wallForceConstant = _inUnit(wallForceConstant, unit.kilojoule_per_mole)
+        self._wallForceConstant = valueInUnit(wallForceConstant, unit.kilojoule_per_mole)
         self._biasDir, self._saveFrequency = self._checkSaving(biasDir, saveFrequency)
         self._thermalEnergyDelta = (unit.MOLAR_GAS_CONSTANT_R * (self.biasFactor - 1.0) * self.temperature
                                     * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
         _checkSystem(system, cvModule)
         self._system, self._cvModule = system, cvModule
         self._periodic, self._cudaGraphs = bool(periodic), bool(cudaGraphs)
-        self.forceGroup = _freeForceGroup(system) if forceGroup is None else _checkForceGroup(forceGroup)
+        self.forceGroup = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         self._reset(np.zeros((0, numModes)), np.zeros(0), np.zeros(0, dtype=np.int64), _emptyRecord())
         self.force = self._createForce()
         system.addForce(self.force)
@@ -856,41 +857,8 @@ def _checkSystem(system, cvModule):
                          "parameter names are fixed)")
 
 
-def _checkForceGroup(group):
-    if int(group) != group or not 0 <= int(group) < NUM_FORCE_GROUPS:
-        raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
-    return int(group)
-
-
-def mtsLangevinIntegrator(system, biasGroup, stride, temperature, friction=1.0, timestep=0.002):
-    """``openmm.MTSLangevinIntegrator`` with an outer step of ``stride × timestep`` that applies force group
-    ``biasGroup`` once per outer step and every other group ``system`` uses ``stride`` times (``biasGroup=None``:
-    every group ``stride`` times). Temperature, friction and time step as quantities or in K, 1/ps and ps.
-
-    Examples
-    --------
-    >>> integrator = mtsLangevinIntegrator(system, meta.forceGroup, 8, 300 * unit.kelvin)  # doctest: +SKIP
-    """
-    slow = set() if biasGroup is None else {biasGroup}
-    others = sorted({force.getForceGroup() for force in system.getForces()} - slow)
-    groups = [(group, 1) for group in slow] + [(group, stride) for group in others]
-    return openmm.MTSLangevinIntegrator(temperature, friction, stride * timestep, groups)
-
-
-def _freeForceGroup(system):
-    used = {force.getForceGroup() for force in system.getForces()}
-    free = sorted(set(range(NUM_FORCE_GROUPS)) - used)
-    if not free:
-        raise ValueError(f"all {NUM_FORCE_GROUPS} force groups of the System are in use; pass forceGroup=")
-    return free[-1]
-
-
 def _emptyRecord():
     return {"step": [], "time_ps": [], "cv": [], "bias_kj_mol": [], "height_kj_mol": []}
-
-
-def _inUnit(value, targetUnit):
-    return value.value_in_unit(targetUnit) if unit.is_quantity(value) else float(value)
 
 
 def _positiveInt(value, name):

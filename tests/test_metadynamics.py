@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cv_standin import StandInModes  # noqa: E402
 from nct_openmm import metadynamics  # noqa: E402
-from nct_openmm.metadynamics import LatentMetadynamics, mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.integrators import mtsLangevinIntegrator  # noqa: E402
+from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
 from nct_openmm.systems import builtinSystem  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
