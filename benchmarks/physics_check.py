@@ -19,12 +19,15 @@ Alanine dipeptide, OBC2 implicit solvent, 300 K, Langevin 1/ps, 2 fs steps, Refe
    and length. Per run: committed Φ transitions between the basin cores
    (:func:`nct_openmm.analysis.dihedrals.count_transitions`) and the basin free-energy difference
    ``ΔF = F(Φ > 0 core) − F(Φ < 0 core)`` from the final bias, ``F = −γ/(γ − 1) V`` along the circle. Mean ± standard
-   error over seeds, and ``z`` = (variant − plain) / combined standard error.
+   error over seeds, and ``z`` = (variant − plain) / combined standard error. ``--variants fast-mts2 fast-mts4``
+   adds the fast path with the bias every 2nd / 4th step, to see how an MTS error grows with the stride (hills and
+   frames every 0.496 ps instead of 0.5 at strides 4 and 8, a whole number of outer steps).
 
 Usage::
 
     python benchmarks/physics_check.py                 # about 20 min on this 2-core CPU (4 seeds)
     python benchmarks/physics_check.py --quick --json out.json
+    python benchmarks/physics_check.py --seeds 8 --variants fast-mts2 fast-mts4 fast-mts8   # error vs MTS stride
 """
 import argparse
 import json
@@ -64,7 +67,8 @@ MODE_NODES = (121, 241)
 # Statistics settings: (sin Φ, cos Φ), the hill schedule of nct_openmm.simulate.DihedralMetadynamics.
 RING_RANGE, RING_WIDTH, RING_HEIGHT, RING_FREQUENCY, RING_NODES, BIAS_FACTOR = (-1.3, 1.3), 0.15, 1.2, 250, 66, 6.0
 FRAME_STEPS = 250
-STRIDES = {"plain": 1, "fast": 1, "fast-mts8": 8}
+STRIDES = {"plain": 1, "fast": 1, "fast-mts2": 2, "fast-mts4": 4, "fast-mts8": 8}
+DEFAULT_VARIANTS = ("plain", "fast", "fast-mts8")
 
 
 class PhiRing(torch.nn.Module):
@@ -113,7 +117,12 @@ def _parseArguments(argv):
     parser.add_argument("--frames", type=int, default=10, help="frames compared in the same-bias check")
     parser.add_argument("--seeds", type=int, default=4, help="runs per variant for the statistics (default 4)")
     parser.add_argument("--ps", type=float, default=250.0, help="length of each run in ps (default 250)")
-    return parser.parse_args(argv)
+    parser.add_argument("--variants", nargs="+", choices=list(STRIDES), default=list(DEFAULT_VARIANTS),
+                        help="variants of the statistics (plain is always added: z is against it; default: "
+                             f"{' '.join(DEFAULT_VARIANTS)}; fast-mtsN applies the bias every N-th step)")
+    options = parser.parse_args(argv)
+    options.variants = ["plain"] + [name for name in options.variants if name != "plain"]
+    return options
 
 
 def _write(result, path):
@@ -225,7 +234,7 @@ def measureStatistics(options):
     molecule = builtinSystem("ala2-implicit")
     start = _minimized(molecule)
     runs = {name: [runRing(molecule, start, name, seed, options.ps) for seed in range(1, options.seeds + 1)]
-            for name in STRIDES}
+            for name in options.variants}
     summary = {name: {key: _meanAndError([run[key] for run in rows]) for key in ("transitions", "delta_f_kj_mol")}
                for name, rows in runs.items()}
     for name, row in summary.items():
