@@ -19,7 +19,8 @@ Variants, all on the same system and platform, built once and timed in turns ins
 - ``nct-mts8-symmetric`` / ``student-mts8-symmetric`` (not run by default): the same with
   ``openmm.MTSLangevinIntegrator``, whose symmetric splitting evaluates the fast forces once more per outer step;
 - ``nct-float64``: ``nct`` with the CV model exported in float64 instead of float32;
-- ``student`` / ``student-mts8`` (and ``student-mts16``, not run by default; needs ``--steps`` a multiple of 16):
+- ``student`` / ``student-mts8`` (and ``student-mts4`` / ``student-mts16``, not run by default; the latter needs
+  ``--steps`` a multiple of 16):
   ``nct`` / ``nct-mts8`` with a small network distilled from the flow (:func:`nct_openmm.export.student_module`,
   2 hidden layers of 128) as the CV. Distilled here with few steps (``--student-steps``): its cost per evaluation
   does not depend on how well it is fitted;
@@ -82,10 +83,10 @@ MODES = 2
 RANGE, WIDTH, BIAS_FACTOR, HEIGHT = (-4.0, 4.0), 0.3, 6.0, 1.0
 HILL_PS = 1.0
 VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8",
-            "floor", "floor-mts8", "student-mts16", "nct-mts8-symmetric", "student-mts8-symmetric")
+            "floor", "floor-mts8", "student-mts16", "nct-mts8-symmetric", "student-mts8-symmetric", "student-mts4")
 DEFAULT_VARIANTS = VARIANTS[:9]
 MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8, "student-mts16": 16,
-               "nct-mts8-symmetric": 8, "student-mts8-symmetric": 8}
+               "nct-mts8-symmetric": 8, "student-mts8-symmetric": 8, "student-mts4": 4}
 
 
 def main(argv=None):
