@@ -7,7 +7,6 @@ estimate ΔF(Φ>0 − Φ<0) for all protocols alike.
 """
 import dataclasses
 import json
-import math
 import os
 import warnings
 
