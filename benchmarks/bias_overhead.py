@@ -273,12 +273,9 @@ def buildVariants(model, systemName, platform, options, names):
             advance, biasGroup = _BoundStepper(meta), meta.forceGroup
         if name == "plain-mts":
             integrator = _integrator(system, 1, None, mts=True)
-        elif name.endswith("-symmetric"):
-            integrator = openmm.MTSLangevinIntegrator(TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond,
-                                                      stride * STEP_PS * unit.picoseconds,
-                                                      biasGroups(system, biasGroup, stride))
         else:
-            integrator = _integrator(system, stride, None if stride == 1 else biasGroup)
+            integrator = _integrator(system, stride, None if stride == 1 else biasGroup,
+                                     symmetric=name.endswith("-symmetric"))
         simulation = app.Simulation(molecule.topology, system, integrator, platform, _properties(platform, options))
         simulation.context.setPositions(start)
         simulation.context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, 1)
@@ -321,12 +318,16 @@ def _hillFrequency(stride):
     return max(1, int(round(HILL_PS / (STEP_PS * stride))))
 
 
-def _integrator(system, stride, biasGroup, mts=False):
+def _integrator(system, stride, biasGroup, mts=False, symmetric=False):
     """LangevinMiddleIntegrator at 2 fs; with a bias group (or ``mts``), MTSLangevinMiddleIntegrator applying the
-    bias group once and every other group ``stride`` times per outer step."""
+    bias group once and every other group ``stride`` times per outer step (``symmetric``: OpenMM's
+    MTSLangevinIntegrator with the same groups)."""
     temperature, friction = TEMPERATURE * unit.kelvin, FRICTION / unit.picosecond
     if biasGroup is None and not mts:
         return openmm.LangevinMiddleIntegrator(temperature, friction, STEP_PS * unit.picoseconds)
+    if symmetric:
+        return openmm.MTSLangevinIntegrator(temperature, friction, stride * STEP_PS * unit.picoseconds,
+                                            biasGroups(system, biasGroup, stride))
     return mtsLangevinIntegrator(system, biasGroup, stride, temperature, friction, STEP_PS * unit.picoseconds)
 
 
