@@ -172,6 +172,10 @@ class HermiteBiasGrid(torch.nn.Module):
         self.register_buffer("offsets", torch.arange(-half, half + 1, dtype=torch.long))
         self.register_buffer("withinCutoff", self.offsets.abs()[None, :] <= torch.tensor(self.halfWindows)[:, None])
         self.register_buffer("nodeSpacings", torch.tensor(self.spacings, dtype=torch.float64))
+        self.register_buffer("hillWidths", torch.tensor(self.widths, dtype=torch.float64)[:, None])
+        self.register_buffer("firstNodes", torch.zeros(self.numModes, 1, dtype=torch.long))
+        self.register_buffer("lastNodes", torch.tensor(self.sizes, dtype=torch.long)[:, None] - 1)
+        self.register_buffer("nodeStridesLong", torch.tensor(self.strides, dtype=torch.long)[:, None])
         self.register_buffer("nodeCoordinates", _nodeCoordinates(self.lows, self.sizes, self.spacings))
         for name, tensor in _interpolationTables(self.lows, self.highs, self.sizes, self.spacings).items():
             self.register_buffer(name, tensor)
@@ -183,9 +187,7 @@ class HermiteBiasGrid(torch.nn.Module):
         The module's windowed update, its fixed-shape update and the driver's dense rebuild all take node
         coordinates from :attr:`nodeCoordinates` and factors from here, so every grid holds the same numbers.
         """
-        z = (x - centre) / self.widths[k]
-        g = torch.exp(-0.5 * z * z)
-        return g, g * z * (-1.0 / self.widths[k])
+        return _gaussianFactors(x, centre, self.hillWidths[k])
 
     @torch.jit.export
     def nearestNodes(self, centres: torch.Tensor) -> torch.Tensor:
@@ -226,18 +228,21 @@ class HermiteBiasGrid(torch.nn.Module):
         """Like :meth:`deposit`, with tensors of a fixed shape and no host synchronisation (for CUDA graphs).
 
         Scatters a window of ``2 * max(halfWindows) + 1`` nodes per mode; nodes off the grid or beyond the cutoff
-        get weight zero.
+        get weight zero. Every mode's window is computed at once: this runs at every step of a captured graph, where
+        each operation is a kernel launch.
         """
-        flat = torch.zeros(1, dtype=torch.long, device=self.values.device)
+        window = self.nearestNodes(centre)[:, None] + self.offsets
+        nodes = torch.clamp(window, self.firstNodes, self.lastNodes)
+        kept = (nodes == window) & self.withinCutoff
+        g, dg = _gaussianFactors(self.nodeCoordinates.gather(1, nodes), centre[:, None], self.hillWidths)
+        factors = torch.stack([g, dg]) * kept
+        flatNodes = nodes * self.nodeStridesLong
         channels = height.to(torch.float64).view(1, 1)
-        nearestNodes = self.nearestNodes(centre)
+        flat = flatNodes[0]
         for k in range(self.numModes):
-            nodes = nearestNodes[k] + self.offsets
-            kept = (nodes >= 0) & (nodes < self.sizes[k]) & self.withinCutoff[k]
-            nodes = nodes.clamp(0, self.sizes[k] - 1)
-            g, dg = self.gaussianFactors(k, self.nodeCoordinates[k].index_select(0, nodes), centre[k])
-            channels = _outerChannels(torch.stack([g, dg]) * kept.to(torch.float64), channels)
-            flat = (flat[:, None] + (nodes * self.strides[k])[None, :]).reshape(-1)
+            channels = _outerChannels(factors[:, k], channels)
+            if k > 0:
+                flat = (flat[:, None] + flatNodes[k][None, :]).reshape(-1)
         self.values.index_add_(1, flat, channels)
 
     @torch.jit.export
@@ -275,6 +280,13 @@ class HermiteBiasGrid(torch.nn.Module):
         elif bool(isNew):
             self.deposit(torch.stack(centres).detach().to(torch.float64), height.detach().to(torch.float64))
             self.hillCount.copy_(hillId)
+
+
+def _gaussianFactors(x: torch.Tensor, centre: torch.Tensor, width: torch.Tensor):
+    """A Gaussian of standard deviation ``width`` at ``x`` and its derivative with respect to ``x`` (broadcast)."""
+    z = (x - centre) / width
+    g = torch.exp(-0.5 * z * z)
+    return g, g * z * (-1.0 / width)
 
 
 def _outerChannels(factors: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:

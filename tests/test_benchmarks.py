@@ -124,3 +124,19 @@ def test_physics_check_quick(tmp_path, restoredTorchState):
         assert same["summary"]["fast_vs_exact"]["forces"] < 1e-4
     assert fine["summary"]["fast_vs_exact"]["energy"] < coarse["summary"]["fast_vs_exact"]["energy"]
     assert set(result["statistics"]["summary"]) == {"plain", "fast", "fast-mts8"}
+
+
+def test_gpu_operations_quick(tmp_path, restoredTorchState):
+    benchmark = loadBenchmark("gpu_operations")
+    path = tmp_path / "operations.json"
+    benchmark.main(["--quick", "--json", str(path)])
+    rows = {row["cv"]: row for row in json.loads(path.read_text())}
+    assert set(rows) == {"student", "flow"}
+    parts = ["alignment", "alignment_pullback", "network", "grid_lookup", "hill_update"]
+    for row in rows.values():
+        assert all(row[part] > 0 for part in parts)
+        # The parts run inside the whole evaluation, which adds the selection, the energy and its backward.
+        assert row["evaluation"] > sum(row[part] for part in parts)
+    # What is counted is the CUDA code path: the SVD-free alignment.
+    assert rows["student"]["svd_free"] and rows["flow"]["svd_free"]
+    assert rows["student"]["network"] < rows["flow"]["network"]

@@ -28,7 +28,8 @@ from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import kabsch_align, kabsch_align_saving, kabsch_pullback, rotation_generators
+from nct_openmm.geometry import (kabsch_align, kabsch_align_saving, kabsch_pullback, polar_rotation,
+                                 rotation_generators)
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import builtinSystem, harmonicChainFrequencies, harmonicChainSystem
@@ -333,6 +334,22 @@ def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
     assert (gradients[0] - gradients[1]).abs().max() < 1e-10
     single = kabsch_align(moved.detach().float(), reference.float(), masses.float(), iterative=True)
     assert (single.double() - exact.detach()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_polar_rotation_has_converged_at_its_default_step_count(dtype):
+    """The default Newton steps give the rotation that many more steps give, also for ill-conditioned covariances
+    (one or two small singular values: flat or nearly linear selections), and the SVD's where that is well posed."""
+    generator = torch.Generator().manual_seed(4)
+    for singular_values in ([1.0, 0.1, 1e-3], [1.0, 1.0, 1e-5], [1.0, 1e-2, 1e-2]):
+        u, v = (Rotation.random(200, random_state=seed).as_matrix() for seed in (1, 2))
+        c = torch.as_tensor((u * singular_values) @ v.transpose(0, 2, 1) * 0.37, dtype=dtype)
+        c = c + 1e-3 * torch.randn(c.shape, generator=generator, dtype=dtype) * singular_values[-1]
+        converged = polar_rotation(c, 20)
+        assert (polar_rotation(c) - converged).abs().max() <= 4 * torch.finfo(dtype).eps
+        u, _, vh = torch.linalg.svd(c.double())
+        bound = 1e-13 if dtype == torch.float64 else 1e-4
+        assert (converged.double() - u @ vh).abs().max() < bound
 
 
 @pytest.mark.parametrize("iterative", [False, True])
