@@ -26,13 +26,14 @@ from .geometry import kabsch_align, kabsch_align_saving, kabsch_pullback, rotati
 
 class AlignedInput(nn.Module):
     """The front of every exported CV: selected atoms, unwrapped and aligned, mapped to the whitened internal
-    coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix.
+    coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix. With
+    ``order``, ``y``'s coordinates come out in that order.
 
     ``forward`` is the front under autograd; the exported CVs use :meth:`selected` (under autograd),
     :meth:`transform_saving` and :meth:`pullback` (outside it) instead.
     """
 
-    def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype):
+    def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype, order: Optional[Tensor] = None):
         super().__init__()
         self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
         self.parents: List[int] = list(frame.parents)
@@ -41,6 +42,8 @@ class AlignedInput(nn.Module):
         self.register_buffer("masses", frame.masses.to(dtype))
         self.register_buffer("reference", frame.reference.to(dtype))
         in_matrix, in_shift = _fused_input(frame, pre)
+        if order is not None:  # y's coordinates in this order: the first coupling's halves come out as slices
+            in_matrix, in_shift = in_matrix[:, order], in_shift[order]
         self.register_buffer("in_matrix", in_matrix.to(dtype))
         self.register_buffer("in_shift", in_shift.to(dtype))
         self.register_buffer("rotation_generators", rotation_generators(dtype))
@@ -128,12 +131,23 @@ class SlowModeModule(_LinearisedCV):
         layers = list(flow.layers)
         pre, couplings = layers[0], [layer for layer in layers if isinstance(layer, AffineCoupling)]
         tail = [layer for layer in layers[1:] if not isinstance(layer, AffineCoupling)]
-        self.input = AlignedInput(frame, pre, dtype)
+        orders = [torch.cat([c.conditioning, c.transformed]) for c in couplings] or [torch.arange(flow.dim)]
+        self.input = AlignedInput(frame, pre, dtype, order=orders[0])
         copies = [_copy_coupling(c, dtype) for c in couplings]
         self.couplings = nn.ModuleList(copies)
         # The same modules in reverse order, for the pullback (TorchScript cannot iterate a ModuleList backwards).
         self.reversed_couplings = nn.ModuleList(copies[::-1])
-        self.register_buffer("out_matrix", _fused_output(flow, tail, modes).to(dtype))
+        # Between couplings the coordinates stay split into the two halves, each in its coupling's order.
+        self.split_sizes: List[int] = [int(c.conditioning.numel()) for c in couplings] or [flow.dim]
+        # Consecutive couplings that swap the halves (coupling_masks pairs them so) need no reordering at all.
+        self.swaps: List[bool] = [False] + [bool(torch.equal(later, torch.cat([c.transformed, c.conditioning])))
+                                            for c, later in zip(couplings, orders[1:])]
+        reorders = [torch.argsort(earlier)[later] for earlier, later in zip(orders, orders[1:])]
+        self.register_buffer("reorders", torch.stack([orders[0]] + reorders))
+        self.register_buffer("inverse_reorders", torch.stack([torch.argsort(r) for r in self.reorders]))
+        self.register_buffer("input_order", orders[0])
+        self.register_buffer("output_order", orders[-1])
+        self.register_buffer("out_matrix", _fused_output(flow, tail, modes)[orders[-1]].to(dtype))
         self.num_modes = int(modes)
         self.num_atoms_required = int(max(frame.atom_indices)) + 1
         self.temperature = float(model.temperature)
@@ -141,17 +155,38 @@ class SlowModeModule(_LinearisedCV):
     @torch.jit.export
     def modes_and_jacobian(self, y: Tensor, jacobian: bool) -> Tuple[Tensor, Tensor]:
         saved: List[List[Tensor]] = []
-        for coupling in self.couplings:
-            y, state = coupling.forward_saving(y)
+        a, b = y[:, :self.split_sizes[0]], y[:, self.split_sizes[0]:]
+        for k, coupling in enumerate(self.couplings):
+            if k > 0:
+                a, b = self._next_halves(k, a, b)
+            b, state = coupling.halves_forward_saving(a, b)
             saved.append(state)
         derivatives = y.new_empty(0)
         if jacobian:
             # One cotangent row per mode, pulled back through the couplings like momenta (p = P ∂Q/∂q).
             cotangents = self.out_matrix.t()
-            for reversed_coupling in self.reversed_couplings:
-                cotangents = reversed_coupling.pullback(saved.pop(), cotangents)
-            derivatives = cotangents.t()
-        return y @ self.out_matrix, derivatives
+            ca, cb = cotangents[:, :self.split_sizes[-1]], cotangents[:, self.split_sizes[-1]:]
+            last = len(self.split_sizes) - 1
+            for j, reversed_coupling in enumerate(self.reversed_couplings):
+                ca, cb = reversed_coupling.halves_pullback(saved.pop(), ca, cb)
+                if j < last:
+                    ca, cb = self._previous_halves(last - j, ca, cb)
+            derivatives = torch.cat([ca, cb], -1).t()
+        return torch.cat([a, b], -1) @ self.out_matrix, derivatives
+
+    def _next_halves(self, k: int, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+        """Coupling ``k − 1``'s output halves → coupling ``k``'s input halves."""
+        if self.swaps[k]:
+            return b, a
+        y = torch.cat([a, b], -1).index_select(-1, self.reorders[k])
+        return y[:, :self.split_sizes[k]], y[:, self.split_sizes[k]:]
+
+    def _previous_halves(self, k: int, ca: Tensor, cb: Tensor) -> Tuple[Tensor, Tensor]:
+        """Cotangent halves on coupling ``k``'s input → on coupling ``k − 1``'s output."""
+        if self.swaps[k]:
+            return cb, ca
+        c = torch.cat([ca, cb], -1).index_select(-1, self.inverse_reorders[k])
+        return c[:, :self.split_sizes[k - 1]], c[:, self.split_sizes[k - 1]:]
 
 
 class StudentModule(_LinearisedCV):

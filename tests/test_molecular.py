@@ -543,13 +543,36 @@ def test_the_float64_export_equals_the_flow_evaluated_in_float64(ala2_model, ala
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("mask", ["random", "alternate"])
+def test_the_export_keeps_coupling_halves_apart_without_changing_the_modes(ala2_data, ala2_traj, mask):
+    """Between couplings the export carries the two halves, swapped or reordered (random masks draw a new split
+    every second coupling; alternate ones only swap); five couplings, so the last one does not close a pair."""
+    with torch_threads(1):
+        model = tiny_estimator(n_couplings=5, mask=mask, max_steps=5).fit(ala2_data).fetch_model()
+    exported = SlowModeModule(model, 3, torch.float64)
+    assert exported.swaps == [False, True, mask == "alternate", True, mask == "alternate"]
+    frames = np.arange(0, 1000, 50)
+    flow = copy.deepcopy(model.flow).double()
+    with torch.no_grad():
+        expected = flow.slow_modes(model.internal_coordinates(ala2_data.positions[frames]), 3, scaled=True).numpy()
+    positions = full_positions(ala2_traj, frames, torch.float64)
+    np.testing.assert_allclose(evaluate(torch.jit.script(exported), positions), expected, rtol=0, atol=1e-10)
+    moved = positions[3].clone().requires_grad_(True)
+    for k in range(3):
+        gradient = torch.autograd.grad(exported(moved)[k], moved)[0]
+        reference = torch.autograd.grad(_autograd_definition(exported, moved)[k], moved)[0]
+        np.testing.assert_allclose(gradient.numpy(), reference.numpy(), rtol=1e-9, atol=1e-12)
+
+
 def _autograd_definition(exported, positions):
     """The exported CV's modes with every derivative left to autograd: front, then couplings or student net."""
     y = exported.input(positions)
     if hasattr(exported, "couplings"):
+        # The flow's front and output matrix are in the couplings' split orders; the couplings take the natural one.
+        y = y.index_select(-1, torch.argsort(exported.input_order))
         for coupling in exported.couplings:
             y = coupling(y)
-        return (y @ exported.out_matrix)[0]
+        return (y.index_select(-1, exported.output_order) @ exported.out_matrix)[0]
     return exported.net(y)[0]
 
 

@@ -258,8 +258,8 @@ class AffineCoupling(PointLayer):
     def forward_saving(self, q: Tensor) -> Tuple[Tensor, List[Tensor]]:
         """``Q = f(q)`` and what :meth:`pullback` needs at ``q`` (TorchScript-friendly; no autograd involved)."""
         qa, qb = self._split(q)
-        t, qb_scaled, saved = self._linearisation(qa, qb, False)
-        return self._assemble(qa, qb_scaled + t), saved
+        Qb, saved = self.halves_forward_saving(qa, qb)
+        return self._assemble(qa, Qb), saved
 
     @torch.jit.export
     def pullback(self, saved: List[Tensor], cotangent: Tensor) -> Tensor:
@@ -268,7 +268,20 @@ class AffineCoupling(PointLayer):
         This is the momentum map ``p = P ∂Q/∂q`` with ``c`` in place of ``P``.
         """
         ca, cb = self._split(cotangent)
-        return self._assemble(ca + self._conditioner_pullback(saved, cb), cb * saved[0])
+        pa, pb = self.halves_pullback(saved, ca, cb)
+        return self._assemble(pa, pb)
+
+    @torch.jit.export
+    def halves_forward_saving(self, qa: Tensor, qb: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """:meth:`forward_saving` on coordinates already split into the conditioning and the transformed ones:
+        ``Q_b`` (``Q_a = q_a``) and what :meth:`halves_pullback` needs."""
+        t, qb_scaled, saved = self._linearisation(qa, qb, False)
+        return qb_scaled + t, saved
+
+    @torch.jit.export
+    def halves_pullback(self, saved: List[Tensor], ca: Tensor, cb: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`pullback` on cotangents split like the coordinates: the conditioning and the transformed half."""
+        return ca + self._conditioner_pullback(saved, cb), cb * saved[0]
 
     def _conditioner_pullback(self, saved: List[Tensor], cb: Tensor) -> Tensor:
         """``cb (∂Q_b/∂q_a)``: through the scale (``cb q_b e^s ds/draw``) and the shift (``cb``) into the net."""
