@@ -139,14 +139,14 @@ class SlowModeModule(_LinearisedCV):
         self.reversed_couplings = nn.ModuleList(copies[::-1])
         # Between couplings the coordinates stay split into the two halves, each in its coupling's order.
         self.split_sizes: List[int] = [int(c.conditioning.numel()) for c in couplings] or [flow.dim]
-        # Consecutive couplings that swap the halves (coupling_masks pairs them so) need no reordering at all.
-        self.swaps: List[bool] = [False] + [bool(torch.equal(later, torch.cat([c.transformed, c.conditioning])))
-                                            for c, later in zip(couplings, orders[1:])]
-        reorders = [torch.argsort(earlier)[later] for earlier, later in zip(orders, orders[1:])]
-        self.register_buffer("reorders", torch.stack([orders[0]] + reorders))
-        self.register_buffer("inverse_reorders", torch.stack([torch.argsort(r) for r in self.reorders]))
-        self.register_buffer("input_order", orders[0])
-        self.register_buffer("output_order", orders[-1])
+        # Consecutive couplings that swap the halves (coupling_masks pairs them so) need no reordering at all;
+        # swaps[k] and reorders[k - 1] lead from coupling k - 1 to coupling k.
+        self.swaps: List[bool] = [False] + [_swapped(earlier, later)
+                                            for earlier, later in zip(couplings, couplings[1:])]
+        rows = [torch.argsort(earlier)[later] for earlier, later in zip(orders, orders[1:])]
+        reorders = torch.stack(rows) if rows else torch.empty(0, flow.dim, dtype=torch.long)
+        self.register_buffer("reorders", reorders)
+        self.register_buffer("inverse_reorders", torch.argsort(reorders, dim=-1))
         self.register_buffer("out_matrix", _fused_output(flow, tail, modes)[orders[-1]].to(dtype))
         self.num_modes = int(modes)
         self.num_atoms_required = int(max(frame.atom_indices)) + 1
@@ -178,14 +178,14 @@ class SlowModeModule(_LinearisedCV):
         """Coupling ``k − 1``'s output halves → coupling ``k``'s input halves."""
         if self.swaps[k]:
             return b, a
-        y = torch.cat([a, b], -1).index_select(-1, self.reorders[k])
+        y = torch.cat([a, b], -1).index_select(-1, self.reorders[k - 1])
         return y[:, :self.split_sizes[k]], y[:, self.split_sizes[k]:]
 
     def _previous_halves(self, k: int, ca: Tensor, cb: Tensor) -> Tuple[Tensor, Tensor]:
         """Cotangent halves on coupling ``k``'s input → on coupling ``k − 1``'s output."""
         if self.swaps[k]:
             return cb, ca
-        c = torch.cat([ca, cb], -1).index_select(-1, self.inverse_reorders[k])
+        c = torch.cat([ca, cb], -1).index_select(-1, self.inverse_reorders[k - 1])
         return c[:, :self.split_sizes[k - 1]], c[:, self.split_sizes[k - 1]:]
 
 
@@ -238,6 +238,12 @@ def _fused_output(flow, tail, modes: int) -> Tensor:
     # ω from log ω in float64: exp in float32 would round every exported mode by a relative 1e-7.
     factor = (torch.exp(flow.prior.log_omega.detach().double()) * flow.mode_signs.double())[order]
     return matrix[:, order] * factor
+
+
+def _swapped(earlier: AffineCoupling, later: AffineCoupling) -> bool:
+    """Whether ``later`` conditions on what ``earlier`` transformed and transforms what it conditioned on."""
+    return bool(torch.equal(later.conditioning, earlier.transformed)
+                and torch.equal(later.transformed, earlier.conditioning))
 
 
 def _copy_coupling(coupling: AffineCoupling, dtype) -> AffineCoupling:

@@ -59,7 +59,7 @@ def kabsch_align(x: Tensor, reference: Tensor, weights: Tensor, iterative: bool 
     structure that is not closer to the reference's mirror image, from elementwise operations only (on a GPU the
     SVD of a 3×3 matrix goes through the host, which a CUDA graph cannot capture). The iteration runs outside
     autograd and its result re-enters through :func:`_differentiable_rotation`, with the exact derivative of the
-    optimal rotation for a fraction of the kernels of differentiating ten Newton steps. On a CPU, where every
+    optimal rotation for a fraction of the kernels of differentiating the Newton steps. On a CPU, where every
     operation costs microseconds of overhead, differentiating the one SVD is cheaper.
     """
     _, centred, _, covariance = _centre_and_covariance(x, reference, weights)
@@ -159,10 +159,10 @@ def _rotation_response(rotation: Tensor, covariance: Tensor) -> Tensor:
 
 
 #: Newton steps of :func:`polar_rotation` in float32 and in float64. With determinant scaling, 3×3 matrices of
-#: condition number up to 1e3 converge to rounding in 5 steps in float32 and in 6–7 in float64; these counts give
-#: the rotation of 20 steps up to a condition number of 1e5 (``tests/test_molecular.py``). The alignment covariance
-#: of alanine dipeptide's heavy atoms has a condition number of about 40. Every step is ten GPU kernels of the hot
-#: path, so float32 gets one step of margin only.
+#: condition number up to 1e3 converge to rounding in 5 steps in float32 and in 6–7 in float64. Up to a condition
+#: number of 1e5, 6 steps in float32 and 7 in float64 are the fewest that give the rotation of 20 steps
+#: (``tests/test_molecular.py``); float64 keeps one step more. The alignment covariance of alanine dipeptide's heavy
+#: atoms has a condition number of about 40. Every step is ten GPU kernels of the hot path.
 POLAR_ITERATIONS_FLOAT32 = 6
 POLAR_ITERATIONS_FLOAT64 = 8
 
@@ -186,6 +186,8 @@ def polar_rotation(c: Tensor, iterations: Optional[int] = None) -> Tensor:
     """
     if iterations is None:
         iterations = _default_polar_iterations(c.dtype)
+    if iterations < 1:
+        raise ValueError("polar_rotation needs at least one Newton step")
     # The iterates are kept at twice the Newton iterates, γX + (γX)⁻ᵀ: determinant scaling makes the next step
     # blind to that factor, and halving once at the end saves a kernel per step.
     x = c

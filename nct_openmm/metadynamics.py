@@ -65,7 +65,7 @@ Examples
 import math
 import os
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import openmm
@@ -173,6 +173,7 @@ class HermiteBiasGrid(torch.nn.Module):
         self.register_buffer("withinCutoff", self.offsets.abs()[None, :] <= torch.tensor(self.halfWindows)[:, None])
         self.register_buffer("nodeSpacings", torch.tensor(self.spacings, dtype=torch.float64))
         self.register_buffer("hillWidths", torch.tensor(self.widths, dtype=torch.float64)[:, None])
+        # torch.clamp takes tensor bounds only as a pair, so the lower one is a tensor of zeros.
         self.register_buffer("firstNodes", torch.zeros(self.numModes, 1, dtype=torch.long))
         self.register_buffer("lastNodes", torch.tensor(self.sizes, dtype=torch.long)[:, None] - 1)
         self.register_buffer("nodeStridesLong", torch.tensor(self.strides, dtype=torch.long)[:, None])
@@ -185,7 +186,8 @@ class HermiteBiasGrid(torch.nn.Module):
         """Gaussian factor of mode ``k`` at coordinates ``x`` and its derivative with respect to ``x``.
 
         The module's windowed update, its fixed-shape update and the driver's dense rebuild all take node
-        coordinates from :attr:`nodeCoordinates` and factors from here, so every grid holds the same numbers.
+        coordinates from :attr:`nodeCoordinates` and factors from :func:`_gaussianFactors` (this method for one
+        mode, the fixed-shape update for all at once), so every grid holds the same numbers.
         """
         return _gaussianFactors(x, centre, self.hillWidths[k])
 
@@ -282,7 +284,7 @@ class HermiteBiasGrid(torch.nn.Module):
             self.hillCount.copy_(hillId)
 
 
-def _gaussianFactors(x: torch.Tensor, centre: torch.Tensor, width: torch.Tensor):
+def _gaussianFactors(x: torch.Tensor, centre: torch.Tensor, width: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Gaussian of standard deviation ``width`` at ``x`` and its derivative with respect to ``x`` (broadcast)."""
     z = (x - centre) / width
     g = torch.exp(-0.5 * z * z)

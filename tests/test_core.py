@@ -167,7 +167,8 @@ def test_closed_form_mlp_refuses_other_networks():
 
 
 def test_scripted_coupling_pullback_is_the_jacobian():
-    """forward_saving and pullback compiled by TorchScript (as the exported CVs run them) against autograd."""
+    """forward_saving and pullback compiled by TorchScript against autograd, and their halves forms (which the
+    exported CVs run) on coordinates split into the conditioning and the transformed ones."""
     torch.manual_seed(0)
     coupling = layers.AffineCoupling(torch.tensor([0, 3, 4]), torch.tensor([1, 2]), hidden=16, depth=3).double()
     for parameter in coupling.parameters():
@@ -179,6 +180,12 @@ def test_scripted_coupling_pullback_is_the_jacobian():
     jacobian = torch.autograd.functional.jacobian(lambda x: coupling(x)[0], q)[:, 0, :]
     cotangents = torch.randn(3, 5, dtype=torch.float64)
     assert torch.allclose(scripted.pullback(saved, cotangents), cotangents @ jacobian, rtol=1e-12, atol=1e-12)
+    a, b = coupling.conditioning, coupling.transformed
+    Qb, saved = scripted.halves_forward_saving(q[:, a], q[:, b])
+    assert torch.equal(Qb, Q[:, b])
+    pa, pb = scripted.halves_pullback(saved, cotangents[:, a], cotangents[:, b])
+    assert torch.allclose(torch.cat([pa, pb], -1), (cotangents @ jacobian)[:, torch.cat([a, b])], rtol=1e-12,
+                          atol=1e-12)
 
 
 @pytest.mark.parametrize("module", [layers, linear, model_module, prior, training])

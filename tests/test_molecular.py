@@ -26,6 +26,7 @@ from nct_openmm.core import NCTModel, FlowConfig
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
+from nct_openmm.core.layers import AffineCoupling
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
 from nct_openmm.geometry import (kabsch_align, kabsch_align_saving, kabsch_pullback, polar_rotation,
@@ -338,11 +339,14 @@ def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_polar_rotation_has_converged_at_its_default_step_count(dtype):
-    """The default Newton steps give the rotation that many more steps give, also for ill-conditioned covariances
-    (one or two small singular values: flat or nearly linear selections), and the SVD's where that is well posed."""
+    """The default Newton steps give the orthogonal factor that many more steps give, also for ill-conditioned
+    covariances (one or two small singular values: flat or nearly linear selections) and negative determinants, and
+    the SVD's ``U Vᵀ`` where that is well posed."""
     generator = torch.Generator().manual_seed(4)
+    mirror = np.diag([1.0, 1.0, -1.0])
     for singular_values in ([1.0, 0.1, 1e-3], [1.0, 1.0, 1e-5], [1.0, 1e-2, 1e-2]):
         u, v = (Rotation.random(200, random_state=seed).as_matrix() for seed in (1, 2))
+        u[::2] = u[::2] @ mirror  # half of them closer to the reference's mirror image: improper polar factors
         c = torch.as_tensor((u * singular_values) @ v.transpose(0, 2, 1) * 0.37, dtype=dtype)
         c = c + 1e-3 * torch.randn(c.shape, generator=generator, dtype=dtype) * singular_values[-1]
         converged = polar_rotation(c, 20)
@@ -543,14 +547,37 @@ def test_the_float64_export_equals_the_flow_evaluated_in_float64(ala2_model, ala
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("mask", ["random", "alternate"])
+def _with_unequal_halves(model):
+    """``model`` with its three couplings replaced by random ones whose halves differ in size: 13/11, then 12/12
+    (whose concatenated order equals the first one's swapped, though the halves do not), then its swap."""
+    generator = torch.Generator().manual_seed(11)
+    splits = [(torch.arange(11, 24), torch.arange(0, 11)), (torch.arange(0, 12), torch.arange(12, 24)),
+              (torch.arange(12, 24), torch.arange(0, 12))]
+    indices = [i for i, layer in enumerate(model.flow.layers) if isinstance(layer, AffineCoupling)]
+    for index, (conditioning, transformed) in zip(indices, splits):
+        coupling = AffineCoupling(conditioning, transformed, hidden=16)
+        with torch.no_grad():
+            for parameter in coupling.parameters():
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        model.flow.layers[index] = coupling
+    return model
+
+
+@pytest.mark.parametrize("mask", ["random", "alternate", "unequal"])
 def test_the_export_keeps_coupling_halves_apart_without_changing_the_modes(ala2_data, ala2_traj, mask):
     """Between couplings the export carries the two halves, swapped or reordered (random masks draw a new split
-    every second coupling; alternate ones only swap); five couplings, so the last one does not close a pair."""
+    every second coupling; alternate ones only swap; the last coupling may not close a pair; halves may differ in
+    size)."""
     with torch_threads(1):
-        model = tiny_estimator(n_couplings=5, mask=mask, max_steps=5).fit(ala2_data).fetch_model()
+        estimator = tiny_estimator(n_couplings=3 if mask == "unequal" else 5, max_steps=5,
+                                   mask="random" if mask == "unequal" else mask)
+        model = estimator.fit(ala2_data).fetch_model()
+    if mask == "unequal":
+        model = _with_unequal_halves(model)
     exported = SlowModeModule(model, 3, torch.float64)
-    assert exported.swaps == [False, True, mask == "alternate", True, mask == "alternate"]
+    expected_swaps = {"random": [False, True, False, True, False], "alternate": [False, True, True, True, True],
+                      "unequal": [False, False, True]}
+    assert exported.swaps == expected_swaps[mask]
     frames = np.arange(0, 1000, 50)
     flow = copy.deepcopy(model.flow).double()
     with torch.no_grad():
@@ -568,11 +595,13 @@ def _autograd_definition(exported, positions):
     """The exported CV's modes with every derivative left to autograd: front, then couplings or student net."""
     y = exported.input(positions)
     if hasattr(exported, "couplings"):
-        # The flow's front and output matrix are in the couplings' split orders; the couplings take the natural one.
-        y = y.index_select(-1, torch.argsort(exported.input_order))
+        # The flow's front and output matrix are in the first and last couplings' split orders; the couplings
+        # themselves take the natural one.
+        first, last = exported.couplings[0], exported.couplings[-1]
+        y = y.index_select(-1, torch.argsort(torch.cat([first.conditioning, first.transformed])))
         for coupling in exported.couplings:
             y = coupling(y)
-        return (y.index_select(-1, exported.output_order) @ exported.out_matrix)[0]
+        return (y.index_select(-1, torch.cat([last.conditioning, last.transformed])) @ exported.out_matrix)[0]
     return exported.net(y)[0]
 
 
