@@ -25,8 +25,8 @@ bond lengths included; a constrained System has no energy for those motions.
 Constraints are checked, not guessed: the openmmtools alanine dipeptide has 21 ``HarmonicBondForce`` terms without
 constraints and 9 with ``HBonds`` (its 12 X–H bonds then exist only as constraints).
 
-Gradient. :func:`fit_variational_openmm` trains with the path-derivative estimator (:func:`path_gradient_loss`) by
-default: unbiased like the plain reparameterisation gradient of :func:`~nct_openmm.core.fit_variational`, but with
+Gradient. :func:`fit_variational_openmm` trains with the path-derivative estimator
+(:func:`~nct_openmm.core.training.path_gradient_objective`) by default: unbiased like the plain reparameterisation gradient of :func:`~nct_openmm.core.fit_variational`, but with
 a variance that vanishes at the optimum, which is what lets the frequencies converge instead of jittering.
 
 Cost. One sample is one ``setPositions`` plus one ``getState(getEnergy=True, getForces=True)``; the forces are kept
@@ -42,7 +42,6 @@ molecules the force field is not the bottleneck. Small flows run many
 times faster with ``torch.set_num_threads(1)`` on 2 shared cores. :attr:`OpenMMEnergy.microsecondsPerSample`
 reports the cost measured in a run.
 """
-import copy
 import datetime
 import math
 import platform as _python_platform
@@ -58,7 +57,8 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .core import FlowConfig, NCTModel, Trainer, TrainingHistory, fit_variational, variational_loss
+from .core import FlowConfig, NCTModel, fit_variational
+from .core.training import VARIATIONAL_GRADIENTS
 from .core.layers import AffinePoint
 from .data import thermal_energy
 from .geometry import InternalFrame, spanning_tree
@@ -276,7 +276,7 @@ class ReducedHamiltonian:
 
 def reduced_hamiltonian(frame: InternalFrame, energy: OpenMMEnergy, energy_offset: float = 0.0) -> ReducedHamiltonian:
     """The reduced Hamiltonian of ``energy`` on ``frame``'s internal coordinates, for
-    :func:`~nct_openmm.core.fit_variational` or :func:`fit_variational_path`; see :class:`ReducedHamiltonian`
+    :func:`~nct_openmm.core.fit_variational`; see :class:`ReducedHamiltonian`
     (which checks that ``frame`` holds every particle)."""
     return ReducedHamiltonian(frame, energy, energy_offset)
 
@@ -353,51 +353,6 @@ def free_energy_estimate(flow: NCTModel, hamiltonian, n: int = 4096, seed: int =
             "importance_sampled": float(math.log(len(w)) - log_sum), "effective_sample_fraction": ess}
 
 
-# --- path-gradient training --------------------------------------------------------------------------------------
-def path_gradient_loss(model: NCTModel, shadow: NCTModel, hamiltonian, n: int,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
-    """``E_{x∼ρ}[ln ρ(x) + H(x)]`` whose gradient is the path derivative alone ("sticking the landing", Roeder,
-    Wu & Duvenaud 2017).
-
-    ``x = T⁻¹(z)`` is decoded with the trainable ``model``; ``ln ρ(x)`` is evaluated by ``shadow``, a frozen copy
-    holding the same weights, so the gradient flows through ``x`` only. The dropped score term
-    ``E_ρ[∂_θ ln ρ]`` vanishes in expectation, so the estimator stays unbiased; unlike the full reparameterisation
-    gradient (:func:`~nct_openmm.core.variational_loss`), its variance goes to zero as ``ρ`` approaches the Boltzmann
-    distribution, because ``ln ρ + H`` is then constant in ``x``. Costs one extra encoding per step.
-    """
-    shadow.load_state_dict(model.state_dict())
-    Q, P = model.prior.sample(n, generator)
-    q, p = model.decode(Q, P)
-    return (shadow.log_prob(q, p) + hamiltonian(q, p)).mean()
-
-
-def fit_variational_path(model: NCTModel, hamiltonian, *, batch_size: int = 256, max_steps: int = 2000,
-                         eval_every: int = 100, eval_batch: int = 2048, lr: float = 1e-3, patience: int = 8,
-                         seed: int = 0, checkpoint: Optional[str] = None, checkpoint_every: int = 0,
-                         resume: bool = True, progress: bool = True, **trainer_options) -> TrainingHistory:
-    """:func:`~nct_openmm.core.fit_variational` with the path-gradient estimator (:func:`path_gradient_loss`).
-
-    Same Trainer, monitored loss (the variational free energy on a fixed batch of ``eval_batch`` samples drawn with
-    ``seed + 1``), checkpoints and resumption; only the training gradient differs.
-    """
-    shadow = copy.deepcopy(model).requires_grad_(False)
-
-    def loss_fn(generator, step):
-        return path_gradient_loss(model, shadow, hamiltonian, batch_size, generator)
-
-    def evaluate_fn():
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            return float(variational_loss(model, hamiltonian, eval_batch, 1.0, generator))
-
-    trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every, patience=patience, seed=seed,
-                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
-                      description="variational (path gradient)", **trainer_options)
-    if resume:
-        trainer.resume()
-    return trainer.fit(max_steps)
-
-
 # --- the estimator -------------------------------------------------------------------------------------------------
 def fit_variational_openmm(system: openmm.System, topology, reference_positions, temperature,
                            config: Optional[Union[FlowConfig, dict]] = None, *, align: bool = True,
@@ -432,8 +387,8 @@ def fit_variational_openmm(system: openmm.System, topology, reference_positions,
         Hessian; :func:`harmonic_flow`). ``"unit"``: start centred on the reference with ω = 1 and the identity
         map — no knowledge of U; only sensible for toy systems (a molecule's samples would overlap atoms).
     gradient : {"path", "reparameterization"}
-        ``"path"`` (default): the path-derivative estimator of :func:`fit_variational_path`, whose variance vanishes
-        at the optimum; ``"reparameterization"``: the full gradient of :func:`~nct_openmm.core.fit_variational`.
+        The estimator of :func:`~nct_openmm.core.fit_variational`'s training gradient. ``"path"`` (default): the
+        path derivative, whose variance vanishes at the optimum; ``"reparameterization"``: the full gradient.
         On a harmonic well, the latter leaves ω jittering by several per cent at a constant learning rate while
         the former converges to the exact frequencies.
     steps, batch_size, lr, eval_every, eval_batch, patience, seed, progress, checkpoint
@@ -456,8 +411,8 @@ def fit_variational_openmm(system: openmm.System, topology, reference_positions,
     """
     if init not in ("hessian", "unit"):
         raise ValueError(f"unknown init {init!r}: use 'hessian' or 'unit'")
-    if gradient not in ("path", "reparameterization"):
-        raise ValueError(f"unknown gradient {gradient!r}: use 'path' or 'reparameterization'")
+    if gradient not in VARIATIONAL_GRADIENTS:  # checked before the set-up, which takes a while
+        raise ValueError(f"unknown gradient {gradient!r}: use one of {', '.join(VARIATIONAL_GRADIENTS)}")
     energy = OpenMMEnergy(system, platform, threads)
     n = system.getNumParticles()
     positions = np.asarray(valueInUnit(reference_positions, unit.nanometer)
@@ -496,10 +451,9 @@ def fit_variational_openmm(system: openmm.System, topology, reference_positions,
 
     # The very samples the trainer monitors (one draw of eval_batch with seed + 1), so the numbers compare.
     initial = free_energy_estimate(flow, hamiltonian, eval_batch, seed + 1, batch=eval_batch)
-    fit = fit_variational_path if gradient == "path" else fit_variational
-    history = fit(flow, hamiltonian, batch_size=batch_size, max_steps=steps, eval_every=eval_every,
-                              eval_batch=eval_batch, lr=lr, patience=patience, seed=seed, checkpoint=checkpoint,
-                              resume=checkpoint is not None, progress=progress,
+    history = fit_variational(flow, hamiltonian, gradient=gradient, batch_size=batch_size, max_steps=steps,
+                              eval_every=eval_every, eval_batch=eval_batch, lr=lr, patience=patience, seed=seed,
+                              checkpoint=checkpoint, resume=checkpoint is not None, progress=progress,
                               **trainer_options)
     final = free_energy_estimate(flow, hamiltonian, eval_batch, seed + 2, batch=eval_batch)  # fresh: unbiased
     with torch.no_grad():

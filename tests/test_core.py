@@ -1,5 +1,6 @@
 """Physics of the flow core: bijectivity, the symplectic condition, unit Jacobian, the cotangent lift, the prior,
 and the persistence of models and training."""
+import copy
 import doctest
 import math
 
@@ -8,7 +9,8 @@ import torch
 
 from nct_openmm.core import (AffineCoupling, AffinePoint, FlowConfig, LinearPoint, LinearSymplectic, ModelFileError,
                              NCTModel, coupling_masks, fit_likelihood, fit_variational, model_from_data,
-                             negative_log_likelihood, variational_loss)
+                             negative_log_likelihood, path_gradient_objective, variational_loss,
+                             variational_objective)
 from nct_openmm.core import layers, linear, model as model_module, prior, training
 from nct_openmm.core.serialization import save_payload
 
@@ -383,6 +385,42 @@ def test_compiled_variational_training_follows_the_eager_path():
                                  batch_size=64, eval_every=10, eval_batch=256, progress=False,
                                  compile_loss=compile_loss) for compile_loss in (False, True)]
     assert histories[1].val_loss == pytest.approx(histories[0].val_loss, rel=1e-4)
+
+
+def test_the_path_gradient_vanishes_at_the_exact_model_and_the_full_one_does_not():
+    """At ρ = Boltzmann every sample has ln ρ + H = const, so the path derivative of a finite batch is zero; the
+    full reparameterisation gradient keeps the score term, zero only on average."""
+    omega = torch.tensor([0.5, 2.0, 1.3], dtype=torch.float64)
+
+    def hamiltonian(q, p):
+        return 0.5 * ((p ** 2) + (omega * q) ** 2).sum(-1)
+
+    model = NCTModel(FlowConfig(dim=3, n_couplings=2, hidden=8)).double()  # couplings start as the identity
+    with torch.no_grad():
+        model.prior.log_omega.copy_(omega.log())
+    shadow = copy.deepcopy(model).requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(objective):  # the same draws each time; they depend on ω (reparameterisation)
+        Q, P = model.prior.sample(64, torch.Generator().manual_seed(2))
+        return torch.autograd.grad(objective(Q, P), parameters, allow_unused=True)
+
+    path = gradient(lambda Q, P: path_gradient_objective(model, shadow, hamiltonian, Q, P))
+    full = gradient(lambda Q, P: variational_objective(model, hamiltonian, Q, P))
+    assert max(float(g.abs().max()) for g in path if g is not None) < 1e-12
+    assert max(float(g.abs().max()) for g in full if g is not None) > 1e-3
+
+
+def test_path_gradient_training_is_refused_with_compilation_and_unknown_estimators():
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+
+    def hamiltonian(q, p):
+        return 0.5 * (p ** 2 + q ** 2).sum(-1)
+
+    with pytest.raises(ValueError, match="compile_loss=True needs gradient='reparameterization'"):
+        fit_variational(model, hamiltonian, gradient="path", compile_loss=True, max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="unknown gradient 'score'"):
+        fit_variational(model, hamiltonian, gradient="score", max_steps=1, progress=False)
 
 
 def test_a_failed_compilation_is_reported_before_training(monkeypatch):
