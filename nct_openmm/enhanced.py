@@ -24,8 +24,7 @@ from nct_openmm.export import slow_mode_module, student_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
 from nct_openmm.integrators import mtsLangevinIntegrator
 from nct_openmm.metadynamics import LatentMetadynamics
-from nct_openmm.simulate import stepWithProgress
-from nct_openmm.systems import getPlatform, platformProperties
+from nct_openmm.simulate import startedSimulation, stepWithProgress, writeStructure
 
 
 class TemperatureMismatchWarning(UserWarning):
@@ -90,19 +89,7 @@ def _simulation(molecularSystem, system, temperature, seed, platform, timestep=0
         integrator = openmm.LangevinMiddleIntegrator(temperature, 1.0, timestep)
     else:
         integrator = mtsLangevinIntegrator(system, biasGroup, stride, temperature, 1.0, timestep)
-    integrator.setRandomNumberSeed(int(seed) + 1)
-    chosen = getPlatform(platform)
-    simulation = app.Simulation(molecularSystem.topology, system, integrator, chosen, platformProperties(chosen))
-    simulation.context.setPositions(molecularSystem.positions)
-    simulation.minimizeEnergy()
-    simulation.context.setVelocitiesToTemperature(temperature, int(seed) + 1)
-    return simulation
-
-
-def _writeTopology(simulation, path):
-    with open(path, "w") as handle:
-        app.PDBFile.writeFile(simulation.topology, simulation.context.getState(getPositions=True).getPositions(),
-                              handle)
+    return startedSimulation(molecularSystem, system, integrator, temperature, seed, platform)
 
 
 def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None, settings=None, platform=None,
@@ -168,7 +155,7 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
     simulation = _simulation(molecularSystem, system, temperature, seed, platform, biasGroup=biasGroup,
                              stride=stride)
     os.makedirs(outDir, exist_ok=True)
-    _writeTopology(simulation, os.path.join(outDir, "top.pdb"))
+    writeStructure(simulation, os.path.join(outDir, "top.pdb"))
     stepsPerFrame = max(1, int(round(reportInterval / (0.002 * stride))))
     simulation.reporters.append(app.DCDReporter(os.path.join(outDir, "traj.dcd"), stepsPerFrame))
     seconds = stepWithProgress(lambda n: bias.step(simulation, n), int(round(ns * 500000 / stride)),

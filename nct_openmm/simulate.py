@@ -133,8 +133,8 @@ def runLangevin(
         run shorter than one report interval.
     """
     stepsPerFrame, nSteps = _stepCounts(ns, timestep, reportInterval)
-    openmmSeed = _openmmSeed(seed)
-    chosenPlatform = getPlatform(platform)
+    _openmmSeed(seed)  # bad seeds and platforms are refused before anything is built
+    getPlatform(platform)
     temperatureK = valueInUnit(temperature, unit.kelvin)
 
     system = molecularSystem.system
@@ -145,23 +145,13 @@ def runLangevin(
     integrator = openmm.LangevinMiddleIntegrator(
         temperatureK, valueInUnit(friction, unit.picosecond**-1), valueInUnit(timestep, unit.picoseconds)
     )
-    integrator.setRandomNumberSeed(openmmSeed)
-    simulation = app.Simulation(
-        molecularSystem.topology,
-        system,
-        integrator,
-        chosenPlatform,
-        platformProperties(chosenPlatform, precision=precision, threads=threads),
-    )
-    simulation.context.setPositions(molecularSystem.positions)
-    if minimize:
-        simulation.minimizeEnergy()
-    simulation.context.setVelocitiesToTemperature(temperatureK, openmmSeed)
+    simulation = startedSimulation(molecularSystem, system, integrator, temperatureK, seed, platform, minimize,
+                                   precision, threads)
 
     os.makedirs(outDir, exist_ok=True)
     topologyPath = os.path.join(outDir, "top.pdb")
     trajectoryPath = os.path.join(outDir, "traj.dcd")
-    _writeStartingStructure(simulation, topologyPath)
+    writeStructure(simulation, topologyPath)
     simulation.reporters.append(app.DCDReporter(trajectoryPath, stepsPerFrame))
 
     step = simulation.step if bias is None else (lambda steps: bias.step(simulation, steps))
@@ -177,7 +167,7 @@ def runLangevin(
         nFrames=nSteps // stepsPerFrame,
         ns=simulatedNs,
         nsPerDay=simulatedNs * 86400.0 / seconds,
-        platform=chosenPlatform.getName(),
+        platform=simulation.context.getPlatform().getName(),
         weights=weightsPath,
     )
 
@@ -239,7 +229,36 @@ def _openmmSeed(seed):
     return int(seed) + 1
 
 
-def _writeStartingStructure(simulation, path):
+def startedSimulation(molecularSystem, system, integrator, temperature, seed, platform=None, minimize=True,
+                      precision=None, threads=None):
+    """An ``app.Simulation`` of ``system`` (the molecule's own, or a biased copy) ready for dynamics.
+
+    ``integrator`` gets the random seed ``seed + 1`` (OpenMM reads 0 as "pick one"); the Context starts at the
+    molecule's positions, minimised if ``minimize``, with Maxwell–Boltzmann velocities at ``temperature`` drawn with
+    the same seed. ``platform``, ``precision`` and ``threads`` as in :func:`runLangevin`.
+
+    Examples
+    --------
+    >>> from nct_openmm.systems import builtinSystem
+    >>> ala2 = builtinSystem("ala2-vacuum")
+    >>> integrator = openmm.LangevinMiddleIntegrator(300, 1, 0.002)
+    >>> startedSimulation(ala2, ala2.system, integrator, 300, seed=0, platform="Reference").currentStep
+    0
+    """
+    openmmSeed = _openmmSeed(seed)
+    integrator.setRandomNumberSeed(openmmSeed)
+    chosenPlatform = getPlatform(platform)
+    simulation = app.Simulation(molecularSystem.topology, system, integrator, chosenPlatform,
+                                platformProperties(chosenPlatform, precision=precision, threads=threads))
+    simulation.context.setPositions(molecularSystem.positions)
+    if minimize:
+        simulation.minimizeEnergy()
+    simulation.context.setVelocitiesToTemperature(temperature, openmmSeed)
+    return simulation
+
+
+def writeStructure(simulation, path):
+    """Write the Context's current positions with the Simulation's topology as a PDB file."""
     positions = simulation.context.getState(getPositions=True).getPositions()
     with open(path, "w") as handle:
         app.PDBFile.writeFile(simulation.topology, positions, handle)
