@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from nct_openmm.core import FlowConfig, NCTModel, fit_variational
+from nct_openmm.core import FlowConfig, NCTModel, fit_variational, free_energy_estimate
 from nct_openmm.core.prior import spread_frequencies
 
 
@@ -60,20 +60,6 @@ def exact_free_energy(n):
     -57.06
     """
     return float(-n * math.log(2 * math.pi) + np.log(analytic_frequencies(n)).sum())
-
-
-def free_energy(model, n_samples=65536, seed=12345, chunk=16384):
-    """Variational free energy ``E_ρ[ln ρ + H]`` on plain independent draws, with its standard error."""
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    with torch.no_grad():
-        for start in range(0, n_samples, chunk):
-            Q, P = model.prior.sample(min(chunk, n_samples - start), generator)
-            log_rho = model.prior.log_prob(Q, P).double()
-            q, p = model.decode(Q, P)
-            values.append(log_rho + hamiltonian(q.double(), p.double()))
-    values = torch.cat(values)
-    return float(values.mean()), float(values.std() / math.sqrt(len(values)))
 
 
 def mode_jacobian(model, q):
@@ -171,7 +157,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, history, train_seconds = train(args)
-    loss, loss_error = free_energy(model)
+    estimate = free_energy_estimate(model, hamiltonian, n=65536, seed=12345, batch=16384)
+    loss, loss_error = estimate["variational"], estimate["standard_error"]
     learned = model.frequencies().numpy().astype(float)
     analytic = analytic_frequencies(args.n)
     result = {

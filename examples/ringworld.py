@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy import integrate, stats
 
-from nct_openmm.core import FlowConfig, NCTModel, fit_variational
+from nct_openmm.core import FlowConfig, NCTModel, fit_variational, free_energy_estimate
 from nct_openmm.core.prior import spread_frequencies
 
 RADIUS, STIFFNESS_WIDTH = 2.0, 0.32
@@ -79,20 +79,6 @@ def exact_samples(n, seed=0):
     radius = np.interp(rng.random(n) * cdf[-1], cdf, grid)
     angle = rng.uniform(-np.pi, np.pi, n)
     return torch.tensor(np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1), dtype=torch.float32)
-
-
-def free_energy(model, n_samples=200000, seed=12345, chunk=50000):
-    """Variational free energy ``E_ρ[ln ρ + H]`` on plain independent draws, with its standard error."""
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    with torch.no_grad():
-        for start in range(0, n_samples, chunk):
-            Q, P = model.prior.sample(min(chunk, n_samples - start), generator)
-            log_rho = model.prior.log_prob(Q, P).double()
-            q, p = model.decode(Q, P)
-            values.append(log_rho + hamiltonian(q.double(), p.double()))
-    values = torch.cat(values)
-    return float(values.mean()), float(values.std() / math.sqrt(len(values)))
 
 
 def momentum_penalty(model, q):
@@ -217,7 +203,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, history, train_seconds = train(args)
-    loss, loss_error = free_energy(model)
+    estimate = free_energy_estimate(model, hamiltonian, n=200000, seed=12345, batch=50000)
+    loss, loss_error = estimate["variational"], estimate["standard_error"]
     samples, _ = model.sample(args.samples, torch.Generator().manual_seed(args.seed + 7))
     angle_rho, radius_rho, cut = mode_correlations(model, samples)
     exact_angle_rho, exact_radius_rho, _ = mode_correlations(model, exact_samples(args.samples, args.seed + 8))

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .core import FlowConfig, NCTModel, fit_variational
+from .core import FlowConfig, NCTModel, fit_variational, free_energy_estimate
 from .core.training import VARIATIONAL_GRADIENTS
 from .core.layers import AffinePoint
 from .data import thermal_energy
@@ -328,29 +328,6 @@ def harmonic_free_energy(omega) -> float:
     """``−ln Z`` (kT) of ``Σ_k (p_k² + ω_k² q_k²)/2`` in reduced units: ``Σ_k ln(ω_k / 2π)``."""
     omega = torch.as_tensor(omega, dtype=torch.float64)
     return float(torch.log(omega / (2 * math.pi)).sum())
-
-
-def free_energy_estimate(flow: NCTModel, hamiltonian, n: int = 4096, seed: int = 0, batch: int = 4096) -> dict:
-    """Free-energy estimates (kT) from ``n`` samples of the flow against ``hamiltonian``.
-
-    ``variational``: ``F = E_ρ[ln ρ + H]``, an upper bound of ``−ln Z``, with its ``standard_error``;
-    ``importance_sampled``: ``−ln E_ρ[exp(−ln ρ − H)]`` (consistent, biased upwards for finite ``n``), with the
-    ``effective_sample_fraction`` of the weights (1 when the flow is exact).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    with torch.no_grad():
-        for start in range(0, n, batch):
-            Q, P = flow.prior.sample(min(batch, n - start), generator)
-            log_rho = flow.prior.log_prob(Q, P)
-            q, p = flow.decode(Q, P)
-            values.append((log_rho.double() + hamiltonian(q.double(), p.double())).detach())
-    w = torch.cat(values)
-    log_weights = -w
-    log_sum = torch.logsumexp(log_weights, 0)
-    ess = float(torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0))) / len(w)
-    return {"variational": float(w.mean()), "standard_error": float(w.std() / math.sqrt(len(w))),
-            "importance_sampled": float(math.log(len(w)) - log_sum), "effective_sample_fraction": ess}
 
 
 # --- the estimator -------------------------------------------------------------------------------------------------

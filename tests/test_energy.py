@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from nct_openmm import energy as energy_module
-from nct_openmm.core import FlowConfig
-from nct_openmm.energy import (OpenMMEnergy, fit_variational_openmm, free_energy_estimate, harmonic_flow,
-                               harmonic_free_energy, reduced_hamiltonian)
+from nct_openmm.core import FlowConfig, free_energy_estimate
+from nct_openmm.energy import (OpenMMEnergy, fit_variational_openmm, harmonic_flow, harmonic_free_energy,
+                               reduced_hamiltonian)
 from nct_openmm.geometry import InternalFrame
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import _openmmtoolsTestsystems, availablePlatforms, builtinSystem

@@ -11,10 +11,11 @@ from .model import FlowConfig, NCTModel
 from .prior import HarmonicPrior
 from .serialization import ModelFileError
 from .training import (TrainingHistory, Trainer, augment_momenta, fit_likelihood, fit_variational, flow_optimizer,
-                       harmonic_initialization, model_from_data, negative_log_likelihood, path_gradient_objective,
-                       variational_loss, variational_objective)
+                       free_energy_estimate, harmonic_initialization, model_from_data, negative_log_likelihood,
+                       path_gradient_objective, variational_loss, variational_objective)
 
 __all__ = ["AffineCoupling", "AffinePoint", "LinearPoint", "coupling_masks", "LinearSymplectic", "FlowConfig",
            "NCTModel", "HarmonicPrior", "ModelFileError", "TrainingHistory", "Trainer", "augment_momenta",
-           "fit_likelihood", "fit_variational", "flow_optimizer", "harmonic_initialization", "model_from_data",
-           "negative_log_likelihood", "path_gradient_objective", "variational_loss", "variational_objective"]
+           "fit_likelihood", "fit_variational", "flow_optimizer", "free_energy_estimate", "harmonic_initialization",
+           "model_from_data", "negative_log_likelihood", "path_gradient_objective", "variational_loss",
+           "variational_objective"]

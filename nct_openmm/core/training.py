@@ -489,6 +489,36 @@ def variational_objective(model: NCTModel, hamiltonian: Callable, Q: Tensor, P: 
     return (model.prior.log_prob(Q, P) + beta * hamiltonian(q, p)).mean()
 
 
+def free_energy_estimate(flow: NCTModel, hamiltonian, n: int = 4096, seed: int = 0, batch: int = 4096) -> dict:
+    """Free-energy estimates (kT) from ``n`` samples of the flow against ``hamiltonian``.
+
+    ``variational``: ``F = E_ρ[ln ρ + H]``, an upper bound of ``−ln Z``, with its ``standard_error``;
+    ``importance_sampled``: ``−ln E_ρ[exp(−ln ρ − H)]`` (consistent, biased upwards for finite ``n``), with the
+    ``effective_sample_fraction`` of the weights (1 when the flow is exact).
+
+    Examples
+    --------
+    >>> H = lambda q, p: 0.5 * (p ** 2).sum(-1) + 2.0 * (q ** 2).sum(-1)
+    >>> model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4), frequencies=torch.tensor([2.0, 2.0]))
+    >>> round(free_energy_estimate(model, H, n=1000)["variational"], 4)  # exact: −2 ln(2π/2)
+    -2.2895
+    """
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            Q, P = flow.prior.sample(min(batch, n - start), generator)
+            log_rho = flow.prior.log_prob(Q, P)
+            q, p = flow.decode(Q, P)
+            values.append((log_rho.double() + hamiltonian(q.double(), p.double())).detach())
+    w = torch.cat(values)
+    log_weights = -w
+    log_sum = torch.logsumexp(log_weights, 0)
+    ess = float(torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0))) / len(w)
+    return {"variational": float(w.mean()), "standard_error": float(w.std() / math.sqrt(len(w))),
+            "importance_sampled": float(math.log(len(w)) - log_sum), "effective_sample_fraction": ess}
+
+
 def path_gradient_objective(model: NCTModel, shadow: NCTModel, hamiltonian: Callable, Q: Tensor, P: Tensor,
                             beta: float = 1.0) -> Tensor:
     """:func:`variational_objective` whose gradient is the path derivative alone ("sticking the landing", Roeder,
