@@ -26,20 +26,14 @@ import numpy as np
 import torch
 
 from ..data import TrajectoryData
+from . import _MODEL_ANALYSIS
 from .dihedrals import backbone_dihedrals
 from .information import mutual_information_matrix
 from .pca import harmonic_pca
 from .plots import largest_gap
 
-__all__ = [
-    "LatentPath",
-    "spectrum_report",
-    "dihedral_information",
-    "configuration_log_likelihood",
-    "interpolate",
-    "prior_samples_along_modes",
-    "write_positions_as_trajectory",
-]
+# The package lists these names without importing this module (and torch); one list serves both.
+__all__ = list(_MODEL_ANALYSIS)
 
 
 @dataclass(frozen=True)
