@@ -132,6 +132,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
     if settings.biasStride < 1 or settings.frequency % settings.biasStride:
         raise ValueError(f"the bias stride must be a positive divisor of the hill frequency ({settings.frequency} "
                          f"steps), got {settings.biasStride}")
+    if settings.naive and settings.biasStride > 1:
+        raise ValueError("the naive comparison (app.Metadynamics) runs every step; it takes no bias stride")
     studentReport = None
     if settings.student:
         cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress)

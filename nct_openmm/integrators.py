@@ -10,10 +10,21 @@ steps the order is fast, slow, slow, fast at unchanged positions: the fast force
 times per outer step of n inner steps. Merging the two half kicks at each boundary into one kick at the start of the
 step is the leapfrog form of the same splitting (``openmm.LangevinMiddleIntegrator`` is its one-group case): the two
 integrators differ by a half kick of the velocities, so their positions coincide step by step
-(``tests/test_integrators.py`` checks this at zero friction) and their sampling is the same. With the bias applied
-every 8th step, alanine dipeptide ran 1.11–1.12× faster in explicit water and 1.05–1.17× faster in implicit solvent
-than with ``openmm.MTSLangevinIntegrator`` on this project's CPU (``benchmarks/bias_overhead.py``, the
-``*-symmetric`` variants; ``benchmarks/RESULTS.md`` section 1d).
+(``tests/test_integrators.py`` checks this without friction, and at zero temperature with friction) and their
+sampling is the same. With the bias applied every 8th step, alanine dipeptide ran 1.11–1.12× faster in explicit
+water and 1.05–1.17× faster in implicit solvent than with ``openmm.MTSLangevinIntegrator`` on this project's CPU
+(``benchmarks/bias_overhead.py``, the ``*-symmetric`` variants; ``benchmarks/RESULTS.md`` section 1d).
+
+Velocities: like ``LangevinMiddleIntegrator``'s, the velocities a State reports (and the kinetic energy computed from
+them) are the leapfrog ones, half a kick behind the symmetric splitting's: ``v − Σ_g dt/(2 s_g) f_g/m`` with ``s_g``
+the substeps of group g; ``setVelocities`` is read the same way. The positions coincide only while the step's
+``updateContextState`` changes nothing (a ``CMMotionRemover`` or a barostat acts at different points of the two
+splittings); the dynamics are valid either way.
+
+Temperature, friction and the number of inner steps are global variables of the integrator, so a State or a
+checkpoint carries them with the thermostat constants, and they survive pickling.
+``openmm.XmlSerializer.deserialize`` gives back a plain ``CustomIntegrator`` (same steps, same globals) without the
+methods of this class.
 
 Example
 -------
@@ -23,6 +34,7 @@ Example
 True
 """
 import math
+import numbers
 
 import openmm
 from openmm import unit
@@ -38,16 +50,17 @@ class MTSLangevinMiddleIntegrator(openmm.CustomIntegrator):
     Parameters
     ----------
     temperature : unit.Quantity or float
-        Heat-bath temperature (K).
+        Heat-bath temperature (K), not negative.
     friction : unit.Quantity or float
-        Friction coefficient (1/ps).
+        Friction coefficient (1/ps), not negative.
     dt : unit.Quantity or float
         The outer time step (ps); the inner one is ``dt`` divided by the largest number of substeps.
-    groups : list of (int, int)
+    groups : iterable of (int, int)
         ``(force group, substeps)``: the group is applied ``substeps`` times per outer step. Every number of
-        substeps must divide the largest; every force group of the System must be listed (as for
-        ``openmm.MTSLangevinIntegrator``). Each group costs one force evaluation wherever it is applied, so keep
-        the fast forces in one group.
+        substeps must divide the largest (OpenMM's integrator also wants them nested; this one does not). As with
+        ``openmm.MTSLangevinIntegrator``, a force group of the System that is not listed is never applied:
+        :func:`biasGroups` lists every group a System uses. Each group costs one force evaluation wherever it is
+        applied, so keep the fast forces in one group.
 
     Examples
     --------
@@ -59,20 +72,20 @@ class MTSLangevinMiddleIntegrator(openmm.CustomIntegrator):
     def __init__(self, temperature, friction, dt, groups):
         groups = _validatedGroups(groups)
         super().__init__(valueInUnit(dt, unit.picoseconds))
-        self._innerSteps = max(substeps for _, substeps in groups)
-        self._temperature = valueInUnit(temperature, unit.kelvin)
-        self._friction = valueInUnit(friction, unit.picosecond ** -1)
+        innerSteps = max(substeps for _, substeps in groups)
+        self.addGlobalVariable("temperature", _nonNegative(valueInUnit(temperature, unit.kelvin), "temperature"))
+        self.addGlobalVariable("friction", _nonNegative(valueInUnit(friction, unit.picosecond ** -1), "friction"))
+        self.addGlobalVariable("innerSteps", innerSteps)
         for name in ("a", "b", "kT"):
             self.addGlobalVariable(name, 0.0)
         self.addPerDofVariable("x1", 0.0)
         self._updateThermostat()
         self.addUpdateContextState()
-        for step in range(self._innerSteps):
-            self._addInnerStep(step, groups)
+        for step in range(innerSteps):
+            self._addInnerStep(step, innerSteps, groups)
 
-    def _addInnerStep(self, step, groups):
+    def _addInnerStep(self, step, inner, groups):
         """Kick by every group due at this inner step (slowest first), then drift, thermostat, drift, constrain."""
-        inner = self._innerSteps
         for group, substeps in groups:
             if step % (inner // substeps) == 0:
                 self.addComputePerDof("v", f"v+(dt/{substeps})*f{group}/m")
@@ -85,29 +98,33 @@ class MTSLangevinMiddleIntegrator(openmm.CustomIntegrator):
         self.addComputePerDof("v", f"v+(x-x1)/(dt/{inner})")
 
     def _updateThermostat(self):
-        innerStep = self.getStepSize().value_in_unit(unit.picoseconds) / self._innerSteps
-        decay = math.exp(-self._friction * innerStep)
+        # a, b and kT are set here rather than computed in the step: a global computation every step would cost
+        # more than the step's arithmetic on a GPU.
+        innerStep = self.getStepSize().value_in_unit(unit.picoseconds) / self.getGlobalVariableByName("innerSteps")
+        decay = math.exp(-self.getGlobalVariableByName("friction") * innerStep)
         self.setGlobalVariableByName("a", decay)
         self.setGlobalVariableByName("b", math.sqrt(1.0 - decay * decay))
-        self.setGlobalVariableByName("kT", (unit.MOLAR_GAS_CONSTANT_R * self._temperature * unit.kelvin)
-                                     .value_in_unit(unit.kilojoule_per_mole))
+        kT = unit.MOLAR_GAS_CONSTANT_R * self.getGlobalVariableByName("temperature") * unit.kelvin
+        self.setGlobalVariableByName("kT", kT.value_in_unit(unit.kilojoule_per_mole))
 
     def getTemperature(self):
         """The heat-bath temperature."""
-        return self._temperature * unit.kelvin
+        return self.getGlobalVariableByName("temperature") * unit.kelvin
 
     def setTemperature(self, temperature):
         """Set the heat-bath temperature (a Quantity or K)."""
-        self._temperature = valueInUnit(temperature, unit.kelvin)
+        kelvin = _nonNegative(valueInUnit(temperature, unit.kelvin), "temperature")
+        self.setGlobalVariableByName("temperature", kelvin)
         self._updateThermostat()
 
     def getFriction(self):
         """The friction coefficient."""
-        return self._friction / unit.picosecond
+        return self.getGlobalVariableByName("friction") / unit.picosecond
 
     def setFriction(self, friction):
         """Set the friction coefficient (a Quantity or 1/ps)."""
-        self._friction = valueInUnit(friction, unit.picosecond ** -1)
+        rate = _nonNegative(valueInUnit(friction, unit.picosecond ** -1), "friction")
+        self.setGlobalVariableByName("friction", rate)
         self._updateThermostat()
 
     def setStepSize(self, dt):
@@ -116,15 +133,30 @@ class MTSLangevinMiddleIntegrator(openmm.CustomIntegrator):
         self._updateThermostat()
 
 
+def _nonNegative(value, name):
+    if not value >= 0.0:
+        raise ValueError(f"the {name} must not be negative, got {value}")
+    return value
+
+
+def _isInteger(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _validatedGroups(groups):
     """``groups`` as ``(group, substeps)`` integer pairs, slowest first; a clear error for anything else."""
-    pairs = [(int(group), int(substeps)) for group, substeps in groups]
+    try:
+        pairs = [tuple(pair) for pair in groups]
+    except TypeError:
+        raise ValueError(f"groups must be (force group, substeps) pairs, got {groups!r}") from None
     if not pairs:
         raise ValueError("groups is empty: give at least one (force group, substeps) pair")
-    for (group, substeps), original in zip(pairs, groups):
-        if tuple(original) != (group, substeps) or not 0 <= group < NUM_FORCE_GROUPS or substeps < 1:
-            raise ValueError(f"{tuple(original)!r} is not a (force group 0-{NUM_FORCE_GROUPS - 1}, substeps >= 1) "
+    for pair in pairs:
+        if (len(pair) != 2 or not all(_isInteger(value) for value in pair) or not 0 <= pair[0] < NUM_FORCE_GROUPS
+                or pair[1] < 1):
+            raise ValueError(f"{pair!r} is not a (force group 0-{NUM_FORCE_GROUPS - 1}, substeps >= 1) "
                              "pair of integers")
+    pairs = [(int(group), int(substeps)) for group, substeps in pairs]
     listed = [group for group, _ in pairs]
     if len(set(listed)) != len(listed):
         raise ValueError(f"a force group is listed twice in {pairs}")
@@ -150,7 +182,14 @@ def mtsLangevinIntegrator(system, biasGroup, stride, temperature, friction=1.0, 
 
 def biasGroups(system, biasGroup, stride):
     """``(force group, substeps)`` pairs for an MTS integrator: ``biasGroup`` once, every other group of
-    ``system`` ``stride`` times (``biasGroup=None``: every group ``stride`` times).
+    ``system`` ``stride`` times (``biasGroup=None``: every group ``stride`` times). The groups of the System include
+    the reciprocal-space groups of its ``NonbondedForce``s.
+
+    Raises
+    ------
+    ValueError
+        When ``stride`` > 1 and the System has no force outside ``biasGroup``: there would be nothing to apply at
+        the inner steps, and the whole step would silently become ``stride`` times longer.
 
     Examples
     --------
@@ -161,5 +200,18 @@ def biasGroups(system, biasGroup, stride):
     [(31, 1), (0, 8), (3, 8)]
     """
     slow = set() if biasGroup is None else {biasGroup}
-    others = sorted({force.getForceGroup() for force in system.getForces()} - slow)
+    others = sorted(_forceGroupsOf(system) - slow)
+    if stride > 1 and not others:
+        raise ValueError(f"the System has no force outside the bias group {biasGroup}, so a bias stride of {stride} "
+                         "has no inner steps to apply anything at")
     return [(group, 1) for group in slow] + [(group, stride) for group in others]
+
+
+def _forceGroupsOf(system):
+    """Every force group whose forces ``system`` computes, reciprocal-space groups of nonbonded forces included."""
+    groups = set()
+    for force in system.getForces():
+        groups.add(force.getForceGroup())
+        if isinstance(force, openmm.NonbondedForce) and force.getReciprocalSpaceForceGroup() >= 0:
+            groups.add(force.getReciprocalSpaceForceGroup())
+    return groups

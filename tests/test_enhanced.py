@@ -97,10 +97,12 @@ def test_student_cv_with_multiple_time_stepping(ala2_model, tmp_path):
     assert cv.shape == (80, 6) and np.all(np.diff(cv[:, 0]) == 5)  # a hill every 5 outer steps of 10 fs
 
 
-@pytest.mark.parametrize("stride", [0, 3])
-def test_a_bad_bias_stride_is_refused_before_anything_runs(ala2_model, tmp_path, stride):
-    settings = SlowModeMetadynamicsSettings(frequency=20, biasStride=stride)
-    with pytest.raises(ValueError, match="positive divisor of the hill frequency"):
+@pytest.mark.parametrize("stride, naive, message", [(0, False, "positive divisor of the hill frequency"),
+                                                     (3, False, "positive divisor of the hill frequency"),
+                                                     (2, True, "naive comparison .* takes no bias stride")])
+def test_a_bad_bias_stride_is_refused_before_anything_runs(ala2_model, tmp_path, stride, naive, message):
+    settings = SlowModeMetadynamicsSettings(frequency=20, biasStride=stride, naive=naive)
+    with pytest.raises(ValueError, match=message):
         runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path / "run"), 0.001,
                                 settings=settings, platform="Reference", progress=False)
     assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ canonical distribution.
 """
 import doctest
 import math
+import pickle
 
 import numpy as np
 import openmm
@@ -88,6 +89,19 @@ def test_positions_equal_the_symmetric_splitting_of_openmm(groups):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-10)
 
 
+def test_positions_equal_openmm_with_friction_at_zero_temperature():
+    """At 0 K the thermostat is deterministic friction, so where it acts in the step shows in the positions: a
+    thermostat on the outer step, or one moved to the end of the inner step, misses by far more than 1e-10."""
+    system, positions, velocities = chainSystem()
+    dt, groups = 0.004, [(1, 1), (2, 4), (0, 4)]
+    symmetric = openmm.MTSLangevinIntegrator(0, 20.0, dt, groups)
+    middle = MTSLangevinMiddleIntegrator(0, 20.0, dt, groups)
+    expected = trajectory(makeContext(system, symmetric, positions, velocities), symmetric, 40)
+    shifted = velocities - halfKick(system, groups, dt, positions)
+    actual = trajectory(makeContext(system, middle, positions, shifted), middle, 40)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-10)
+
+
 def test_one_group_is_langevin_middle_with_constraints():
     ala2 = builtinSystem("ala2-vacuum")
     assert ala2.system.getNumConstraints() > 0
@@ -136,8 +150,9 @@ def test_each_group_is_evaluated_once_where_it_is_applied(stride):
 
 def test_samples_the_canonical_distribution():
     """Harmonic wells (fast, group 0) plus a weaker harmonic term (slow, group 1, every 4th step): the kinetic
-    temperature and ⟨x²⟩ = kT / (k0 + k1) per coordinate. Weighting the slow kick wrongly or misplacing the
-    thermostat's inner step moves these by far more than the tolerance."""
+    temperature and ⟨x²⟩ = kT / (k0 + k1) per coordinate. Weighting the slow kick wrongly moves these by far more
+    than the tolerance; where the thermostat acts does not (harmonic wells keep their stationary distribution), which
+    the zero-temperature comparison with OpenMM's integrator checks instead."""
     particles, k0, k1 = 64, 1000.0, 150.0
     system = openmm.System()
     fast, slow = (openmm.CustomExternalForce(f"{k}/2*(x^2+y^2+z^2)") for k in (k0, k1))
@@ -170,6 +185,8 @@ def test_xml_round_trip_gives_the_same_trajectory():
     groups = [(1, 1), (2, 1), (0, 4)]
     integrator = MTSLangevinMiddleIntegrator(300, 0.0, 0.008, groups)
     restored = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(integrator))
+    assert type(restored) is openmm.CustomIntegrator  # as documented: the steps and globals, not the class
+    assert restored.getGlobalVariableByName("temperature") == 300
     expected = trajectory(makeContext(system, integrator, positions, velocities), integrator, 10)
     actual = trajectory(makeContext(system, restored, positions, velocities), restored, 10)
     np.testing.assert_array_equal(actual, expected)
@@ -190,6 +207,36 @@ def test_thermostat_follows_temperature_friction_and_step_size():
     assert integrator.getFriction() == 10 / unit.picosecond
 
 
+def test_thermostat_settings_reach_the_context_and_travel_with_its_state():
+    system, positions, velocities = chainSystem()
+    hot = MTSLangevinMiddleIntegrator(300, 1.0, 0.008, [(1, 1), (2, 1), (0, 4)])
+    context = makeContext(system, hot, positions, velocities)
+    hot.setTemperature(600 * unit.kelvin)
+    hot.setFriction(5.0)
+    assert context.getIntegrator().getGlobalVariableByName("kT") == pytest.approx(2 * KT_300)
+    state = context.getState(getPositions=True, getVelocities=True, getIntegratorParameters=True)
+    other = MTSLangevinMiddleIntegrator(400, 1.0, 0.008, [(1, 1), (2, 1), (0, 4)])
+    makeContext(system, other, positions, velocities).setState(state)
+    assert other.getTemperature() == 600 * unit.kelvin and other.getFriction() == 5 / unit.picosecond
+    assert other.getGlobalVariableByName("kT") == pytest.approx(2 * KT_300)
+
+
+def test_a_pickled_integrator_keeps_its_thermostat():
+    integrator = MTSLangevinMiddleIntegrator(310, 2.0, 0.008, [(31, 1), (0, 4)])
+    copy = pickle.loads(pickle.dumps(integrator))
+    assert copy.getTemperature() == 310 * unit.kelvin and copy.getFriction() == 2 / unit.picosecond
+    copy.setStepSize(0.004)
+    assert copy.getGlobalVariableByName("a") == pytest.approx(math.exp(-2.0 * 0.001))
+
+
+def test_negative_temperature_or_friction_is_refused():
+    with pytest.raises(ValueError, match="friction must not be negative"):
+        MTSLangevinMiddleIntegrator(300, -1.0, 0.004, [(0, 1)])
+    integrator = MTSLangevinMiddleIntegrator(300, 1.0, 0.004, [(0, 1)])
+    with pytest.raises(ValueError, match="temperature must not be negative"):
+        integrator.setTemperature(-5)
+
+
 @pytest.mark.parametrize("groups, message", [
     ([], "empty"),
     ([(32, 1)], "force group 0-31"),
@@ -197,6 +244,11 @@ def test_thermostat_follows_temperature_friction_and_step_size():
     ([(0, 2.5)], "pair of integers"),
     ([(0, 1), (0, 4)], "listed twice"),
     ([(1, 3), (0, 4)], "do not divide"),
+    ((pair for pair in [(40, 1)]), "force group 0-31"),
+    ([(True, 1)], "pair of integers"),
+    ([(0, 2.0)], "pair of integers"),
+    ([(0, 1, 2)], "pair of integers"),
+    (None, "must be \\(force group, substeps\\) pairs"),
 ])
 def test_bad_groups_are_refused_with_the_reason(groups, message):
     with pytest.raises(ValueError, match=message):
@@ -211,6 +263,28 @@ def test_factory_gives_the_bias_one_substep_and_every_other_group_stride():
              if integrator.getComputationStep(i)[1] == "v" and "*f" in integrator.getComputationStep(i)[2]]
     assert sum("f5/" in kick for kick in kicks) == 1
     assert all(sum(f"f{group}/" in kick for kick in kicks) == 4 for group in (0, 1, 2))
+
+
+def test_bias_groups_include_the_reciprocal_space_group():
+    system, _, _ = chainSystem()
+    nonbonded = openmm.NonbondedForce()
+    for _ in range(system.getNumParticles()):
+        nonbonded.addParticle(0.0, 0.3, 0.1)
+    nonbonded.setReciprocalSpaceForceGroup(6)
+    system.addForce(nonbonded)
+    assert integrators.biasGroups(system, 5, 4) == [(5, 1), (0, 4), (1, 4), (2, 4), (6, 4)]
+
+
+def test_a_stride_without_fast_forces_is_refused():
+    system = openmm.System()
+    system.addParticle(1.0)
+    bias = openmm.CustomExternalForce("x^2")
+    bias.addParticle(0, [])
+    bias.setForceGroup(5)
+    system.addForce(bias)
+    assert integrators.biasGroups(system, 5, 1) == [(5, 1)]
+    with pytest.raises(ValueError, match="no force outside the bias group 5"):
+        mtsLangevinIntegrator(system, 5, 4, 300)
 
 
 @pytest.mark.parametrize("module", [integrators, systems])
