@@ -39,7 +39,7 @@ import numbers
 import openmm
 from openmm import unit
 
-from nct_openmm.systems import NUM_FORCE_GROUPS, valueInUnit
+from nct_openmm.systems import NUM_FORCE_GROUPS, usedForceGroups, valueInUnit
 
 __all__ = ["MTSLangevinMiddleIntegrator", "mtsLangevinIntegrator", "biasGroups"]
 
@@ -200,18 +200,8 @@ def biasGroups(system, biasGroup, stride):
     [(31, 1), (0, 8), (3, 8)]
     """
     slow = set() if biasGroup is None else {biasGroup}
-    others = sorted(_forceGroupsOf(system) - slow)
+    others = sorted(usedForceGroups(system) - slow)
     if stride > 1 and not others:
         raise ValueError(f"the System has no force outside the bias group {biasGroup}, so a bias stride of {stride} "
                          "has no inner steps to apply anything at")
     return [(group, 1) for group in slow] + [(group, stride) for group in others]
-
-
-def _forceGroupsOf(system):
-    """Every force group whose forces ``system`` computes, reciprocal-space groups of nonbonded forces included."""
-    groups = set()
-    for force in system.getForces():
-        groups.add(force.getForceGroup())
-        if isinstance(force, openmm.NonbondedForce) and force.getReciprocalSpaceForceGroup() >= 0:
-            groups.add(force.getReciprocalSpaceForceGroup())
-    return groups

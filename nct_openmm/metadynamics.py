@@ -130,7 +130,10 @@ class HermiteBiasGrid(torch.nn.Module):
     values : torch.Tensor, optional
         Initial node data, shape ``(2**K, prod(sizes))``, float64; zeros when omitted.
     hillCount : int
-        Hills already contained in ``values``.
+        Hills already contained in ``values``. :attr:`hillCount` counts the hills the grid holds;
+        :attr:`lastHillId`, the id of the last hill it absorbed, tells new hills from ones already in it. The two
+        part when a copy of the grid meets a later hill id (a reinitialised Context, a State from another step),
+        which is how the driver notices that the grid lost hills.
     wallForceConstant : float
         κ of the flat-bottom wall outside the range, kJ/mol per squared mode unit.
     branchFree : bool
@@ -168,6 +171,7 @@ class HermiteBiasGrid(torch.nn.Module):
             raise ValueError(f"grid values must have shape {(numChannels, numNodes)}, got {tuple(values.shape)}")
         self.register_buffer("values", values.to(torch.float64).clone())
         self.register_buffer("hillCount", torch.tensor(float(hillCount), dtype=torch.float64))
+        self.register_buffer("lastHillId", torch.tensor(float(hillCount), dtype=torch.float64))
         half = max(self.halfWindows)
         self.register_buffer("offsets", torch.arange(-half, half + 1, dtype=torch.long))
         self.register_buffer("withinCutoff", self.offsets.abs()[None, :] <= torch.tensor(self.halfWindows)[:, None])
@@ -274,14 +278,16 @@ class HermiteBiasGrid(torch.nn.Module):
     def addHill(self, hillId: torch.Tensor, centres: List[torch.Tensor], height: torch.Tensor):
         """Deposit the hill announced as ``hillId`` unless it is already in the grid."""
         hillId = hillId.detach().to(torch.float64)
-        isNew = hillId > self.hillCount
+        isNew = hillId > self.lastHillId
         if self.branchFree:
             self.depositFixedShape(torch.stack(centres).detach().to(torch.float64),
                                    height.detach() * isNew.to(height.dtype))
-            self.hillCount.copy_(torch.maximum(self.hillCount, hillId))
+            self.hillCount.add_(isNew.to(torch.float64))
+            self.lastHillId.copy_(torch.maximum(self.lastHillId, hillId))
         elif bool(isNew):
             self.deposit(torch.stack(centres).detach().to(torch.float64), height.detach().to(torch.float64))
-            self.hillCount.copy_(hillId)
+            self.hillCount.add_(1.0)
+            self.lastHillId.copy_(hillId)
 
 
 def _gaussianFactors(x: torch.Tensor, centre: torch.Tensor, width: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -536,12 +542,17 @@ class LatentMetadynamics:
             raise ValueError(f"every hill width must be positive, got {self._widths}")
         self._sizes = self._gridSizes(gridWidth, numModes)
         self.temperature = valueInUnit(temperature, unit.kelvin)
+        if not 0.0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.biasFactor = float(biasFactor)
-        if not self.biasFactor > 1.0:
-            raise ValueError(f"biasFactor must be greater than 1 (well-tempered metadynamics), got {biasFactor}")
+        if not 1.0 < self.biasFactor < math.inf:
+            raise ValueError(f"biasFactor must be greater than 1 and finite (well-tempered metadynamics), got "
+                             f"{biasFactor}")
         self.height = valueInUnit(height, unit.kilojoule_per_mole)
-        self.frequency = _positiveInt(frequency, "frequency")
-        self.stride = _positiveInt(stride, "stride")
+        if not 0.0 <= self.height < math.inf:
+            raise ValueError(f"height must not be negative, got {height}")
+        self.frequency = _checkedInt(frequency, "frequency")
+        self.stride = _checkedInt(stride, "stride")
         self._wallForceConstant = valueInUnit(wallForceConstant, unit.kilojoule_per_mole)
         self._biasDir, self._saveFrequency = self._checkSaving(biasDir, saveFrequency)
         self._thermalEnergyDelta = (unit.MOLAR_GAS_CONSTANT_R * (self.biasFactor - 1.0) * self.temperature
@@ -571,7 +582,7 @@ class LatentMetadynamics:
             When the Context's bias does not hold the hills this object deposited, e.g. a Context created after
             hills were added in another one (save the bias and load it before creating the new Context).
         """
-        remaining = int(steps)
+        remaining = _checkedInt(steps, "steps", minimum=0)
         while remaining > 0:
             chunk = min(remaining, self.frequency - simulation.currentStep % self.frequency)
             simulation.step(chunk)
@@ -626,6 +637,9 @@ class LatentMetadynamics:
         numpy.ndarray, shape (M,) (or a float for one point), kJ/mol
         """
         points = np.asarray(cvValues, dtype=np.float64)
+        if points.shape[-1:] != (len(self._modes),) or points.ndim > 2:
+            raise ValueError(f"cvValues must have shape (M, {len(self._modes)}) or ({len(self._modes)},), got "
+                             f"{points.shape}")
         s = torch.as_tensor(points.reshape(-1, len(self._modes)))
         grid = self._currentGrid()
         with torch.no_grad():
@@ -660,16 +674,24 @@ class LatentMetadynamics:
         contents.update({f"record_{key}": value for key, value in self.getTimeSeries().items()})
         folder = os.path.dirname(os.path.abspath(path))
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".npz")
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **contents)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **contents)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o644)  # mkstemp's 0o600 would make the file private
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
 
     def loadBias(self, path):
         """Continue from a bias saved by :meth:`saveBias` with the same grid and well-tempered settings.
 
         The force in the System is replaced by one whose grid starts from the loaded bias (it moves to the end of
-        the System's force list). Call this before creating the Simulation; for an existing Context call
-        ``context.reinitialize(preserveState=True)`` afterwards.
+        the System's force list). Call this before creating the Simulation: a Context created earlier still
+        refers to the force this removes, so create a new one afterwards. To restart from a checkpoint or State,
+        load one saved at the same step as the bias (both hold hills).
 
         Raises
         ------
@@ -719,6 +741,7 @@ class LatentMetadynamics:
             _depositDense(self._grid, self._centres[pending], self._heights[pending])
             self._folded = pending.stop
             self._grid.hillCount.fill_(float(self._folded))
+            self._grid.lastHillId.fill_(float(self._folded))
         return self._grid
 
     def _createForce(self):
@@ -733,10 +756,11 @@ class LatentMetadynamics:
         return force
 
     def _replaceForce(self):
-        for index in range(self._system.getNumForces()):
-            if self._system.getForce(index).this == self.force.this:
-                self._system.removeForce(index)
-                break
+        indices = [index for index in range(self._system.getNumForces())
+                   if self._system.getForce(index).this == self.force.this]
+        if not indices:
+            raise RuntimeError("this LatentMetadynamics's force is no longer in its System; cannot replace it")
+        self._system.removeForce(indices[0])
         self.force = self._createForce()
         self._system.addForce(self.force)
 
@@ -752,9 +776,11 @@ class LatentMetadynamics:
         if count != len(self._heightList):
             raise RuntimeError(
                 f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "
-                f"{len(self._heightList)}: a Context only holds the hills of the force it was created from (to "
-                "move a bias to a new Context, saveBias() and loadBias() before creating it), or this openmm-torch "
-                "build does not pass changed global parameters to a CUDA graph (cudaGraphs=True)")
+                f"{len(self._heightList)}. A Context holds the hills of the force it was created from plus those "
+                "deposited in it since: one created or reinitialized later has lost the others (saveBias() and "
+                "loadBias() before creating it), one given a State or checkpoint of another step holds other hills "
+                "(save the bias and the checkpoint at the same step), or this openmm-torch build does not pass "
+                "changed global parameters to a CUDA graph (cudaGraphs=True)")
         height = self.height * math.exp(-bias / self._thermalEnergyDelta)
         for k, value in enumerate(modes):
             context.setParameter(_centreParameter(k), float(value))
@@ -785,7 +811,7 @@ class LatentMetadynamics:
             raise ValueError("biasDir and saveFrequency must be given together")
         if saveFrequency is None:
             return None, None
-        saveFrequency = _positiveInt(saveFrequency, "saveFrequency")
+        saveFrequency = _checkedInt(saveFrequency, "saveFrequency")
         if saveFrequency % self.frequency:
             raise ValueError(f"saveFrequency ({saveFrequency}) must be a multiple of frequency ({self.frequency})")
         os.makedirs(biasDir, exist_ok=True)
@@ -845,6 +871,9 @@ def _checkModes(cvModule, modes):
 
 
 def _checkRanges(ranges, numModes):
+    if np.ndim(ranges) != 2:
+        raise ValueError(f"ranges needs one (lo, hi) pair for each of the {numModes} biased modes, e.g. "
+                         f"[(-3, 3)] for one mode; got {ranges!r}")
     ranges = [tuple(float(x) for x in pair) for pair in ranges]
     if len(ranges) != numModes or any(len(pair) != 2 for pair in ranges):
         raise ValueError(f"ranges needs one (lo, hi) pair for each of the {numModes} biased modes, got {ranges}")
@@ -875,9 +904,10 @@ def _emptyRecord():
     return {"step": [], "time_ps": [], "cv": [], "bias_kj_mol": [], "height_kj_mol": []}
 
 
-def _positiveInt(value, name):
-    if int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _checkedInt(value, name, minimum=1):
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
 
 

@@ -15,6 +15,7 @@ Example
 import dataclasses
 import logging
 import math
+import numbers
 import os
 
 import numpy as np
@@ -61,21 +62,39 @@ NUM_FORCE_GROUPS = 32
 
 def checkForceGroup(group):
     """``group`` as an int, or a ValueError naming the allowed range."""
-    if int(group) != group or not 0 <= int(group) < NUM_FORCE_GROUPS:
+    if not isinstance(group, numbers.Integral) or isinstance(group, bool) or not 0 <= group < NUM_FORCE_GROUPS:
         raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
     return int(group)
 
 
+def usedForceGroups(system):
+    """Every force group whose forces ``system`` computes, reciprocal-space groups of nonbonded forces included.
+
+    Example
+    -------
+    >>> system = openmm.System()
+    >>> nonbonded = openmm.NonbondedForce(); nonbonded.setReciprocalSpaceForceGroup(4); _ = system.addForce(nonbonded)
+    >>> sorted(usedForceGroups(system))
+    [0, 4]
+    """
+    groups = set()
+    for force in system.getForces():
+        groups.add(force.getForceGroup())
+        if isinstance(force, openmm.NonbondedForce) and force.getReciprocalSpaceForceGroup() >= 0:
+            groups.add(force.getReciprocalSpaceForceGroup())
+    return groups
+
+
 def freeForceGroup(system):
-    """The highest force group no force of ``system`` uses (as ``app.Metadynamics`` chooses).
+    """The highest force group no force of ``system`` uses (as ``app.Metadynamics`` chooses; reciprocal-space
+    groups count as used).
 
     Example
     -------
     >>> freeForceGroup(openmm.System())
     31
     """
-    used = {force.getForceGroup() for force in system.getForces()}
-    free = sorted(set(range(NUM_FORCE_GROUPS)) - used)
+    free = sorted(set(range(NUM_FORCE_GROUPS)) - usedForceGroups(system))
     if not free:
         raise ValueError(f"all {NUM_FORCE_GROUPS} force groups of the System are in use; pass forceGroup= to "
                          "share one with another force")

@@ -324,6 +324,19 @@ def test_a_context_without_the_hills_is_refused(ala2, depositedRun):
         meta.step(stale, 5)
 
 
+@pytest.mark.parametrize("cudaGraphs", [False, True], ids=["windowed", "branch-free"])
+def test_a_reinitialized_context_that_lost_hills_is_refused(ala2, cudaGraphs):
+    """reinitialize() rebuilds the grid from the force (no hills) but keeps the last hill id: the grid then takes
+    that one hill back. Counting absorbed hills, not ids, tells the grid lost the others."""
+    system = freshSystem(ala2)
+    meta = makeMeta(system, cudaGraphs=cudaGraphs)
+    simulation = makeSimulation(ala2, system)
+    meta.step(simulation, 20)
+    simulation.context.reinitialize(preserveState=True)
+    with pytest.raises(RuntimeError, match="holds 1 hills but this LatentMetadynamics deposited 4"):
+        meta.step(simulation, 5)
+
+
 def test_loading_a_bias_with_other_settings_is_refused(ala2, depositedRun, tmp_path):
     meta, _ = depositedRun
     path = str(tmp_path / "bias.npz")
@@ -363,9 +376,15 @@ def test_reference_and_cpu_energies_agree(ala2, depositedRun, tmp_path):
     (4, dict(), "1 to 3 modes"),
     (2, dict(ranges=[(1.0, -1.0), (-3.0, 3.0)]), "lo < hi"),
     (2, dict(biasFactor=1.0), "biasFactor"),
+    (2, dict(biasFactor=math.inf), "biasFactor"),
+    (2, dict(temperature=0.0), "temperature must be positive"),
+    (2, dict(height=-1.0), "height must not be negative"),
+    (1, dict(ranges=(-3.0, 3.0)), r"e.g. \[\(-3, 3\)\] for one mode"),
+    (2, dict(frequency=2.5), "frequency must be a positive integer"),
+    (2, dict(frequency=True), "frequency must be a positive integer"),
     (2, dict(gridWidth=[1, 30]), "at least 2 nodes"),
-    (2, dict(biasDir="/tmp/unused", saveFrequency=7), "multiple of frequency"),
-    (2, dict(biasDir="/tmp/unused"), "together"),
+    (2, dict(biasDir="unused", saveFrequency=7), "multiple of frequency"),
+    (2, dict(biasDir="unused"), "together"),
     (2, dict(modes=[0, 2]), "distinct indices"),
 ])
 def test_bad_input_is_refused_clearly(ala2, numModes, arguments, message):
@@ -374,6 +393,32 @@ def test_bad_input_is_refused_clearly(ala2, numModes, arguments, message):
     settings.update(arguments)
     with pytest.raises(ValueError, match=message):
         LatentMetadynamics(freshSystem(ala2), StandInModes(CV_ATOMS, num_modes=numModes), **settings)
+
+
+def test_bad_step_counts_and_bias_points_are_refused(ala2, depositedRun):
+    meta, simulation = depositedRun
+    for steps in (-1, 2.5):
+        with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+            meta.step(simulation, steps)
+    with pytest.raises(ValueError, match=r"shape \(M, 2\) or \(2,\)"):
+        meta.getBias([0.1, 0.2, 0.3])
+
+
+def test_a_failed_save_leaves_the_previous_file_and_no_temporary(depositedRun, tmp_path, monkeypatch):
+    meta, _ = depositedRun
+    path = tmp_path / "bias.npz"
+    meta.saveBias(str(path))
+    assert path.stat().st_mode & 0o777 == 0o644
+    saved = path.read_bytes()
+
+    def failingSave(file, **contents):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", failingSave)
+    with pytest.raises(OSError, match="disk full"):
+        meta.saveBias(str(path))
+    assert path.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["bias.npz"]
 
 
 def test_a_subset_of_modes_can_be_biased(ala2):
