@@ -16,7 +16,9 @@ Mode values are dimensionless; energies and force constants are in kJ/mol (force
 """
 import functools
 import linecache
+import math
 import operator
+import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -225,7 +227,9 @@ def SlowModeCV(cvModule, mode, periodic=False, cudaGraphs=False):
     """A ``TorchForce`` whose energy is slow mode ``mode`` (dimensionless, reported in kJ/mol).
 
     Use it as a collective variable of ``openmm.CustomCVForce`` or as the force of ``app.BiasVariable``. Each
-    call creates a new force (OpenMM takes ownership of a force once it is added somewhere).
+    call creates a new force (OpenMM takes ownership of a force once it is added somewhere). The force does not
+    see the System: call :func:`checkSystemCompatible` first for a clear error when the System lacks the CV's
+    atoms (OpenMM would fail later, with a TorchScript traceback).
 
     Parameters
     ----------
@@ -257,7 +261,8 @@ def slowModeBiasVariables(cvModule, modes, ranges, widths=0.15, padding=0.5, gri
 
     The modes are unit-variance on the training data, so one hill width in mode units suits every mode. The bias
     grid spans the training range widened by ``padding`` on both sides: ``app.Metadynamics`` applies no bias
-    force outside its grid, and the point of biasing is to leave the sampled range.
+    force outside its grid, and the point of biasing is to leave the sampled range. As for :func:`SlowModeCV`,
+    check the System with :func:`checkSystemCompatible` first.
 
     Parameters
     ----------
@@ -286,9 +291,11 @@ def slowModeBiasVariables(cvModule, modes, ranges, widths=0.15, padding=0.5, gri
     >>> meta = app.Metadynamics(system, variables, 300 * unit.kelvin, 8.0, 1.0, 500)  # doctest: +SKIP
     """
     ranges = np.asarray(ranges, dtype=float).reshape(-1, 2)
-    widths = np.broadcast_to(np.asarray(widths, dtype=float), (len(modes),))
     if len(ranges) != len(modes):
         raise ValueError(f"ranges gives {len(ranges)} (min, max) pairs for {len(modes)} modes")
+    if np.size(widths) not in (1, len(modes)):
+        raise ValueError(f"widths gives {np.size(widths)} values for {len(modes)} modes")
+    widths = np.broadcast_to(np.asarray(widths, dtype=float), (len(modes),))
     if np.any(ranges[:, 1] <= ranges[:, 0]) or np.any(widths <= 0):
         raise ValueError("every range needs min < max and every width must be positive")
     return [app.BiasVariable(SlowModeCV(cvModule, mode, periodic, cudaGraphs), low - padding, high + padding,
@@ -400,7 +407,7 @@ class LatentBiasForce:
             kJ/mol per squared mode unit, non-negative.
         """
         mode = self._checkConfigurable(mode, self._restraints, "a restraint")
-        self._restraints[mode] = (float(center), self._forceConstant(forceConstant))
+        self._restraints[mode] = (_finite(center, "center"), self._forceConstant(forceConstant))
 
     def addWalls(self, mode, lower, upper, forceConstant):
         """Confine ``mode`` to [lower, upper] with flat-bottom harmonic walls, zero inside.
@@ -437,11 +444,18 @@ class LatentBiasForce:
         checkSystemCompatible(system, self._cvModule)
         group = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         parameters = self._globalParameters()
+        name = f"LatentBiasForce {self._prefix}"
+        clashes = sorted(set(parameters) & _globalParameterNames(system))
+        if clashes or any(force.getName() == name for force in system.getForces()):
+            raise ValueError(f"the System already has a LatentBiasForce with prefix {self._prefix!r} or global "
+                             f"parameters {clashes or 'of that prefix'}: give this one another prefix= (two biases "
+                             "with one prefix would share their centres and read-outs)")
         module = _latentBiasModule(self._periodic, len(parameters))(
             self._cvModule, list(self._restraints), list(self._walls))
         self._force = createTorchForce(module, periodic=self._periodic, cudaGraphs=self._cudaGraphs,
                                        globalParameters=parameters,
                                        energyParameterDerivatives=self._valueParameters(), forceGroup=group)
+        self._force.setName(name)
         return system.addForce(self._force)
 
     def getForce(self):
@@ -560,9 +574,26 @@ class LatentBiasForce:
     @staticmethod
     def _forceConstant(value):
         value = valueInUnit(value, unit.kilojoule_per_mole)
-        if value < 0:
-            raise ValueError(f"a force constant must be non-negative, got {value}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"a force constant must be non-negative and finite, got {value}")
         return value
+
+
+def _finite(value, name):
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _globalParameterNames(system):
+    """Names of the global parameters of the forces of ``system`` that OpenMM's Python layer can read (plugin
+    forces such as ``TorchForce`` come back from ``System.getForce`` as plain ``Force`` objects)."""
+    names = set()
+    for force in system.getForces():
+        if hasattr(force, "getNumGlobalParameters"):
+            names.update(force.getGlobalParameterName(i) for i in range(force.getNumGlobalParameters()))
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,7 +650,8 @@ class CVReporter:
 
     def __init__(self, file, reportInterval, cvModule, logLikelihood=None, logLikelihoodThreshold=None,
                  periodic=False):
-        self._ownsFile = isinstance(file, str)
+        self._ownsFile = isinstance(file, (str, os.PathLike))
+        self._out = None
         self._out = open(file, "w") if self._ownsFile else file
         self._reportInterval = int(reportInterval)
         self._cvModule = cvModule
@@ -636,12 +668,13 @@ class CVReporter:
 
     def report(self, simulation, state):
         """Write one line for ``state``."""
+        if not self._wroteHeader:
+            checkSystemCompatible(simulation.system, self._cvModule)
         positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         values = list(self._modes(positions, state))
         if self._logLikelihood is not None:
             values.append(self._checkedLogLikelihood(positions, simulation.currentStep))
         if not self._wroteHeader:
-            checkSystemCompatible(simulation.system, self._cvModule)
             self._writeHeader()
         time = state.getTime().value_in_unit(unit.picosecond)
         print(simulation.currentStep, f"{time:.10g}", *(f"{v:.10g}" for v in values), file=self._out)
@@ -649,7 +682,7 @@ class CVReporter:
 
     def close(self):
         """Close the file if this reporter opened it."""
-        if getattr(self, "_ownsFile", False) and not self._out.closed:
+        if getattr(self, "_ownsFile", False) and self._out is not None and not self._out.closed:
             self._out.close()
 
     def __del__(self):

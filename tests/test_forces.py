@@ -292,6 +292,21 @@ def test_two_bias_forces_coexist_with_different_prefixes(cvModule, positions):
         expectedBiasEnergy(modeValues(cvModule, positions), first._restraints, first._walls))
 
 
+def test_two_bias_forces_with_one_prefix_are_refused(cvModule, positions):
+    system = makeSystem()
+    configuredBias(cvModule, positions).addToSystem(system)
+    second = configuredBias(cvModule, positions)
+    with pytest.raises(ValueError, match="already has a LatentBiasForce with prefix 'latent_'.*another prefix="):
+        second.addToSystem(system)
+    assert system.getNumForces() == 2  # the particles' force and the first bias: nothing half-added
+    other = openmm.CustomExternalForce("latent_center0*x")
+    other.addGlobalParameter("latent_center0", 0.0)
+    clashing = makeSystem()
+    clashing.addForce(other)
+    with pytest.raises(ValueError, match=r"global parameters \['latent_center0'\]"):
+        configuredBias(cvModule, positions).addToSystem(clashing)
+
+
 def test_periodic_bias_force_receives_box(cvModule, positions):
     system = makeSystem()
     system.setDefaultPeriodicBoxVectors(*(2.0 * np.eye(3)))
@@ -393,12 +408,16 @@ def test_reporter_writes_mode_values_and_warns_once_out_of_distribution(cvModule
 
 # --- bad input ----------------------------------------------------------------------------------------------------
 
-def test_too_few_atoms_is_a_clear_error(cvModule):
+def test_too_few_atoms_is_a_clear_error(cvModule, positions, tmp_path):
     with pytest.raises(ValueError, match="at least 10 particles, but the System has 8"):
         checkSystemCompatible(makeSystem(8), cvModule)
     bias = LatentBiasForce(cvModule)
     with pytest.raises(ValueError, match="at least 10 particles"):
         bias.addToSystem(makeSystem(8))
+    simulation = referenceSimulation(makeSystem(8), positions[:8])
+    simulation.reporters.append(CVReporter(tmp_path / "cv.txt", 2, cvModule))  # a path-like file works too
+    with pytest.raises(ValueError, match="at least 10 particles, but the System has 8"):
+        simulation.step(2)
 
 
 def test_all_force_groups_used_is_a_clear_error(cvModule):
@@ -429,6 +448,12 @@ def test_unknown_mode_is_a_clear_error(cvModule):
         bias.addWalls(1, 1.0, -1.0, 1.0)
     with pytest.raises(ValueError, match="non-negative"):
         bias.addWalls(1, -1.0, 1.0, -5.0)
+    with pytest.raises(ValueError, match="non-negative and finite"):
+        bias.addWalls(1, -1.0, 1.0, float("inf"))
+    with pytest.raises(ValueError, match="center must be a finite number"):
+        bias.addRestraint(2, float("nan"), 1.0)
+    with pytest.raises(ValueError, match="widths gives 3 values for 2 modes"):
+        slowModeBiasVariables(cvModule, [0, 1], [(-2, 2), (-2, 2)], widths=[0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="mode 1 has no restraint"):
         bias.setRestraintCenter(None, 1, 0.0)
 
