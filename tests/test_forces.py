@@ -16,7 +16,7 @@ import pytest
 import torch
 from openmm import app, unit
 
-from cv_standin import StandInModes
+from cv_standin import BoxShiftedModes, StandInModes
 from nct_openmm.forces import (CVReporter, LatentBiasForce, OutOfDistributionWarning, SlowModeCV,
                                checkSystemCompatible, slowModeBiasVariables)
 
@@ -310,13 +310,16 @@ def test_two_bias_forces_with_one_prefix_are_refused(cvModule, positions):
 def test_periodic_bias_force_receives_box(cvModule, positions):
     system = makeSystem()
     system.setDefaultPeriodicBoxVectors(*(2.0 * np.eye(3)))
-    bias = LatentBiasForce(cvModule, periodic=True)
+    bias = LatentBiasForce(BoxShiftedModes(CV_ATOMS, num_modes=NUM_MODES, seed=3), periodic=True)
     bias.addRestraint(0, center=0.0, forceConstant=10.0)
     bias.addToSystem(system)
     context = makeContext(system, positions)
-    s = modeValues(cvModule, positions)
+    s = modeValues(cvModule, positions)  # the same modes without the box's shift
     assert bias.getForce().usesPeriodicBoundaryConditions()
-    assert energy(context, {bias.getForce().getForceGroup()}) == pytest.approx(5.0 * s[0] ** 2)
+    group = {bias.getForce().getForceGroup()}
+    assert energy(context, group) == pytest.approx(5.0 * (s[0] + 0.2) ** 2)
+    context.setPeriodicBoxVectors(*(2.5 * np.eye(3)))
+    assert energy(context, group) == pytest.approx(5.0 * (s[0] + 0.25) ** 2)
 
 
 def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):

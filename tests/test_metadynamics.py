@@ -18,7 +18,7 @@ from openmm import app, unit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cv_standin import StandInModes  # noqa: E402
+from cv_standin import BoxShiftedModes, StandInModes  # noqa: E402
 from nct_openmm import metadynamics  # noqa: E402
 from nct_openmm.integrators import mtsLangevinIntegrator  # noqa: E402
 from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
@@ -269,6 +269,8 @@ def test_bias_group_works_with_multiple_time_stepping(ala2):
 
 
 def test_box_vectors_reach_the_module_of_a_periodic_system(ala2):
+    """The same hills on a box-independent CV whether or not the force is periodic; and with a CV that reads the
+    box, the modes follow the Context's box."""
     energies = []
     for periodic in (False, True):
         system = freshSystem(ala2)
@@ -279,6 +281,14 @@ def test_box_vectors_reach_the_module_of_a_periodic_system(ala2):
         meta.step(simulation, 20)
         energies.append(biasEnergy(simulation.context, meta)[0])
     assert energies[1] == pytest.approx(energies[0], rel=1e-10)
+    system = freshSystem(ala2)
+    system.setDefaultPeriodicBoxVectors(*(3.0 * np.eye(3)) * unit.nanometer)
+    meta = LatentMetadynamics(system, BoxShiftedModes(CV_ATOMS, num_modes=2), [(-3.0, 3.0)] * 2, 0.4, TEMPERATURE,
+                              BIAS_FACTOR, 3.0, 5, periodic=True)
+    simulation = makeSimulation(ala2, system)
+    shifted = meta.getCollectiveVariables(simulation)
+    simulation.context.setPeriodicBoxVectors(*(3.5 * np.eye(3)) * unit.nanometer)
+    np.testing.assert_allclose(meta.getCollectiveVariables(simulation) - shifted, 0.05, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
