@@ -29,7 +29,7 @@ import torch
 from openmm import app, unit
 
 from nct_openmm.backend import createTorchForce
-from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit
+from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
 
 __all__ = [
     "SlowModeCV",
@@ -442,6 +442,7 @@ class LatentBiasForce:
         if self._force is not None:
             raise RuntimeError("this LatentBiasForce has already been added to a System")
         checkSystemCompatible(system, self._cvModule)
+        warnIfBoxIsIgnored(system, self._periodic, "this LatentBiasForce")
         group = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         parameters = self._globalParameters()
         name = f"LatentBiasForce {self._prefix}"

@@ -73,7 +73,7 @@ import torch
 from openmm import unit
 
 from nct_openmm.backend import createTorchForce
-from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit
+from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
 
 __all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule"]
 
@@ -501,7 +501,9 @@ class LatentMetadynamics:
     saveFrequency : int, optional
         Multiple of ``frequency``; required with ``biasDir``.
     periodic : bool
-        Hand the box vectors to the CV module (systems with periodic boundary conditions).
+        Hand the box vectors to the CV module (systems with periodic boundary conditions; a warning when the
+        System is periodic and this is False). The modes themselves are not periodic: the grid ends at the
+        ranges (``app.BiasVariable``'s periodic option has no counterpart here).
     cudaGraphs : bool
         Capture the module in a CUDA graph on the CUDA platform. Hills are then added without a branch, at the cost
         of one hill's worth of (zero-weighted) arithmetic every step. Hills and read-outs travel as Context global
@@ -558,6 +560,7 @@ class LatentMetadynamics:
         self._thermalEnergyDelta = (unit.MOLAR_GAS_CONSTANT_R * (self.biasFactor - 1.0) * self.temperature
                                     * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
         _checkSystem(system, cvModule)
+        warnIfBoxIsIgnored(system, periodic, "LatentMetadynamics")
         self._system, self._cvModule = system, cvModule
         self._periodic, self._cudaGraphs = bool(periodic), bool(cudaGraphs)
         self.forceGroup = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)

@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import warnings
 
 import numpy as np
 import openmm
@@ -83,6 +84,18 @@ def usedForceGroups(system):
         if isinstance(force, openmm.NonbondedForce) and force.getReciprocalSpaceForceGroup() >= 0:
             groups.add(force.getReciprocalSpaceForceGroup())
     return groups
+
+
+def warnIfBoxIsIgnored(system, periodic, what):
+    """Warn when ``system`` is periodic but a CV force ``what`` was built with ``periodic=False``.
+
+    The CV module then gets no box vectors and cannot make its molecule whole, so its values jump whenever the
+    molecule is split across the boundary (positions may be wrapped into the box, as on GPU platforms).
+    """
+    if system.usesPeriodicBoundaryConditions() and not periodic:
+        warnings.warn(f"the System uses periodic boundary conditions but {what} was given periodic=False: its CV "
+                      "module gets no box vectors, so a molecule split across the boundary gives wrong values; "
+                      "pass periodic=True", UserWarning, stacklevel=3)
 
 
 def freeForceGroup(system):

@@ -320,6 +320,9 @@ def test_periodic_bias_force_receives_box(cvModule, positions):
     assert energy(context, group) == pytest.approx(5.0 * (s[0] + 0.2) ** 2)
     context.setPeriodicBoxVectors(*(2.5 * np.eye(3)))
     assert energy(context, group) == pytest.approx(5.0 * (s[0] + 0.25) ** 2)
+    with pytest.warns(UserWarning, match="periodic boundary conditions but this LatentBiasForce was given "
+                                         "periodic=False"):
+        LatentBiasForce(cvModule, prefix="other_").addToSystem(system)
 
 
 def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -289,6 +290,19 @@ def test_box_vectors_reach_the_module_of_a_periodic_system(ala2):
     shifted = meta.getCollectiveVariables(simulation)
     simulation.context.setPeriodicBoxVectors(*(3.5 * np.eye(3)) * unit.nanometer)
     np.testing.assert_allclose(meta.getCollectiveVariables(simulation) - shifted, 0.05, rtol=1e-6)
+
+
+def test_a_periodic_system_without_box_vectors_for_the_cv_gets_a_warning(ala2):
+    system = freshSystem(ala2)
+    wrapped = openmm.CustomBondForce("0")
+    wrapped.setUsesPeriodicBoundaryConditions(True)
+    system.addForce(wrapped)
+    with pytest.warns(UserWarning, match="periodic boundary conditions but LatentMetadynamics was given "
+                                         "periodic=False"):
+        makeMeta(system)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        makeMeta(freshSystem(ala2), periodic=False)  # not periodic: nothing to warn about
 
 
 # ---------------------------------------------------------------------------------------------------------------
