@@ -519,6 +519,12 @@ class LatentBiasForce:
         -------
         SteeringResult
             Arrays of length ``increments + 1``: the state before steering, then the end of each segment.
+
+        Raises
+        ------
+        Exception
+            Whatever a segment raised (an integrator blow-up, a reporter); the result up to the last completed
+            segment is attached to it as ``steeringResult``, and the centre stays where that segment put it.
         """
         steps, increments = int(steps), int(increments)
         if not 0 < increments <= steps:
@@ -530,15 +536,24 @@ class LatentBiasForce:
         self.setRestraintCenter(context, mode, centers[0])
         value = self.getCollectiveVariables(context)[mode]
         stepsAt, values, work = [simulation.currentStep], [value], [0.0]
-        for old, new, chunk in zip(centers[:-1], centers[1:], chunks):
-            work.append(work[-1] + 0.5 * forceConstant * ((value - new) ** 2 - (value - old) ** 2))
-            self.setRestraintCenter(context, mode, new)
-            simulation.step(int(chunk))
-            value = self.getCollectiveVariables(context)[mode]
-            stepsAt.append(simulation.currentStep)
-            values.append(value)
-        return SteeringResult(np.array(stepsAt), centers, np.array(values),
-                              unit.Quantity(np.array(work), unit.kilojoule_per_mole))
+
+        def result():
+            done = len(values)
+            return SteeringResult(np.array(stepsAt), centers[:done], np.array(values),
+                                  unit.Quantity(np.array(work[:done]), unit.kilojoule_per_mole))
+
+        try:
+            for old, new, chunk in zip(centers[:-1], centers[1:], chunks):
+                work.append(work[-1] + 0.5 * forceConstant * ((value - new) ** 2 - (value - old) ** 2))
+                self.setRestraintCenter(context, mode, new)
+                simulation.step(int(chunk))
+                value = self.getCollectiveVariables(context)[mode]
+                stepsAt.append(simulation.currentStep)
+                values.append(value)
+        except Exception as error:
+            error.steeringResult = result()
+            raise
+        return result()
 
     def _globalParameters(self):
         """Name → default value, in the argument order of :class:`LatentBiasEnergy`."""

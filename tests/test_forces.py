@@ -346,6 +346,37 @@ def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):
     work = result.work.value_in_unit(unit.kilojoule_per_mole)
     np.testing.assert_allclose(work, np.concatenate([[0], np.cumsum(jumps)]))
     assert abs(result.values[-1] - end) < 0.3 < abs(result.values[-1] - start)  # the mode followed the pull
+    # The jump formula is the Context's own energy change when the centre moves at fixed positions.
+    group, value = {bias.getForce().getForceGroup()}, result.values[-1]
+    energies = []
+    for center in (end, end + 0.05):
+        bias.setRestraintCenter(simulation.context, 0, center)
+        energies.append(energy(simulation.context, group))
+    expected = 0.5 * 200.0 * ((value - end - 0.05) ** 2 - (value - end) ** 2)
+    assert energies[1] - energies[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_failed_steering_segment_keeps_the_work_done_before(cvModule, positions):
+    system = makeSystem()
+    bias = LatentBiasForce(cvModule)
+    bias.addRestraint(0, center=0.0, forceConstant=200.0)
+    bias.addToSystem(system)
+    simulation = referenceSimulation(system, positions, friction=5.0)
+
+    class FailingReporter:
+        def describeNextReport(self, simulation):
+            return {"steps": 25 - simulation.currentStep % 25, "periodic": None, "include": []}
+
+        def report(self, simulation, state):
+            raise RuntimeError("disk full")
+
+    simulation.reporters.append(FailingReporter())
+    start = modeValues(cvModule, positions)[0]
+    with pytest.raises(RuntimeError, match="disk full") as caught:
+        bias.steer(simulation, 0, start, start - 0.5, steps=100, increments=10)
+    partial = caught.value.steeringResult
+    np.testing.assert_array_equal(partial.steps, [0, 10, 20])
+    assert len(partial.centers) == len(partial.values) == len(partial.work) == 3
 
 
 # --- persistence --------------------------------------------------------------------------------------------------
