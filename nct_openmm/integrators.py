@@ -26,8 +26,8 @@ checkpoint carries them with the thermostat constants, and they survive pickling
 ``openmm.XmlSerializer.deserialize`` gives back a plain ``CustomIntegrator`` (same steps, same globals) without the
 methods of this class.
 
-Example
--------
+Examples
+--------
 >>> integrator = MTSLangevinMiddleIntegrator(300 * unit.kelvin, 1 / unit.picosecond, 0.008 * unit.picoseconds,
 ...                                          [(31, 1), (0, 4)])   # group 31 once, group 0 four times per step
 >>> integrator.getNumComputations() > 0

@@ -1,8 +1,8 @@
 """Langevin dynamics that writes training data: a DCD trajectory, a PDB topology and, for a run biased by
 well-tempered metadynamics on the backbone dihedrals (Φ, Ψ), per-frame reweighting factors.
 
-Example
--------
+Examples
+--------
 >>> import tempfile
 >>> from nct_openmm.systems import builtinSystem
 >>> run = runLangevin(builtinSystem("ala2-vacuum"), tempfile.mkdtemp(), ns=0.0002, platform="Reference",

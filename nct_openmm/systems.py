@@ -3,8 +3,8 @@
 Everything here speaks OpenMM: values are ``openmm.unit`` quantities or plain numbers in MD units (nm, ps, kJ/mol,
 amu, K), and functions are camelCase. This is the only module of the package that chooses an OpenMM platform.
 
-Example
--------
+Examples
+--------
 >>> from nct_openmm.systems import builtinSystem, getPlatform
 >>> ala2 = builtinSystem("ala2-vacuum")
 >>> ala2.nAtoms
@@ -45,8 +45,8 @@ _GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 def valueInUnit(value, targetUnit):
     """Return ``value`` as a float in ``targetUnit``; plain numbers are taken to be in that unit already.
 
-    Example
-    -------
+    Examples
+    --------
     >>> valueInUnit(2 * unit.femtoseconds, unit.picoseconds)
     0.002
     >>> valueInUnit(300, unit.kelvin)
@@ -71,8 +71,8 @@ def checkForceGroup(group):
 def usedForceGroups(system):
     """Every force group whose forces ``system`` computes, reciprocal-space groups of nonbonded forces included.
 
-    Example
-    -------
+    Examples
+    --------
     >>> system = openmm.System()
     >>> nonbonded = openmm.NonbondedForce(); nonbonded.setReciprocalSpaceForceGroup(4); _ = system.addForce(nonbonded)
     >>> sorted(usedForceGroups(system))
@@ -102,8 +102,8 @@ def freeForceGroup(system):
     """The highest force group no force of ``system`` uses (as ``app.Metadynamics`` chooses; reciprocal-space
     groups count as used).
 
-    Example
-    -------
+    Examples
+    --------
     >>> freeForceGroup(openmm.System())
     31
     """
@@ -117,8 +117,8 @@ def freeForceGroup(system):
 def availablePlatforms():
     """Names of the OpenMM platforms that loaded in this process, slowest first.
 
-    Example
-    -------
+    Examples
+    --------
     >>> "Reference" in availablePlatforms()
     True
     """
@@ -147,8 +147,8 @@ def getPlatform(name=None, threads=None):
         If no such platform loaded. The message lists the platforms that did, and for a GPU platform the plugin
         load failures that usually explain why it is missing.
 
-    Example
-    -------
+    Examples
+    --------
     >>> getPlatform("cpu").getName()
     'CPU'
     """
@@ -195,8 +195,8 @@ def platformProperties(platform, precision=None, threads=None):
     dict
         ``{property name: string value}``, ready for ``openmm.Context`` or ``app.Simulation``.
 
-    Example
-    -------
+    Examples
+    --------
     >>> platformProperties(getPlatform("CPU"), threads=2)
     {'Threads': '2'}
     >>> platformProperties(getPlatform("Reference"))
@@ -207,7 +207,7 @@ def platformProperties(platform, precision=None, threads=None):
     if name in _GPU_PLATFORMS:
         properties["Precision"] = precision or "mixed"
     elif precision is not None:
-        raise ValueError(f"the {name} platform has no Precision property; choose CUDA or OpenCL for {precision!r}")
+        raise ValueError(f"the {name} platform has no Precision property; choose a GPU platform (CUDA, OpenCL, HIP) for {precision!r}")
     if name == "CPU" and threads is not None:
         properties["Threads"] = str(_positiveInt(threads, "threads"))
     return properties
@@ -231,8 +231,8 @@ class MolecularSystem:
         ``(nAtoms, 3)`` starting positions in nm.
     name : str
 
-    Example
-    -------
+    Examples
+    --------
     >>> chain = harmonicChainSystem(3)
     >>> chain.name, chain.nAtoms
     ('harmonic-chain-3', 3)
@@ -269,8 +269,8 @@ def builtinSystem(name):
     ValueError
         For a name not in :data:`BUILTIN_SYSTEMS`.
 
-    Example
-    -------
+    Examples
+    --------
     >>> builtinSystem("ala2-implicit").system.getNumConstraints()
     12
     """
@@ -351,8 +351,8 @@ def userSystem(pdb=None, forcefield=None, prmtop=None, inpcrd=None, implicitSolv
         For an invalid combination of inputs, an unknown implicit-solvent model, a force-field file OpenMM cannot
         locate, or residues the force field has no template for.
 
-    Example
-    -------
+    Examples
+    --------
     >>> import tempfile
     >>> ala2 = builtinSystem("ala2-vacuum")
     >>> path = os.path.join(tempfile.mkdtemp(), "ala2.pdb")
@@ -466,8 +466,8 @@ def harmonicChainSystem(
     MolecularSystem
         Carbon-like particles, one residue each, at x = 0, spacing, ..., (n - 1) spacing.
 
-    Example
-    -------
+    Examples
+    --------
     >>> chain = harmonicChainSystem(4)
     >>> [force.__class__.__name__ for force in chain.system.getForces()]
     ['CustomBondForce', 'CustomExternalForce', 'CustomExternalForce']
@@ -536,8 +536,8 @@ def harmonicChainFrequencies(n, mass=12.0 * unit.amu, k=1000.0 * unit.kilojoule_
     ``omega_j = 2 sqrt(k / m) sin(pi j / (2n + 2))`` for j = 1..n; with k in kJ/mol/nm² and m in amu, sqrt(k/m) is
     in 1/ps.
 
-    Example
-    -------
+    Examples
+    --------
     >>> harmonicChainFrequencies(1, mass=1.0, k=4.0)
     array([2.82842712])
     """
