@@ -280,9 +280,10 @@ class HermiteBiasGrid(torch.nn.Module):
         hillId = hillId.detach().to(torch.float64)
         isNew = hillId > self.lastHillId
         if self.branchFree:
+            newHills = isNew.to(torch.float64)  # 1 or 0: every step of a captured graph runs this
             self.depositFixedShape(torch.stack(centres).detach().to(torch.float64),
-                                   height.detach() * isNew.to(height.dtype))
-            self.hillCount.add_(isNew.to(torch.float64))
+                                   height.detach() * newHills)
+            self.hillCount.add_(newHills)
             self.lastHillId.copy_(torch.maximum(self.lastHillId, hillId))
         elif bool(isNew):
             self.deposit(torch.stack(centres).detach().to(torch.float64), height.detach().to(torch.float64))
