@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .core import FlowConfig, NCTModel, fit_likelihood, model_from_data
-from .core.serialization import ModelFileError, load_payload, save_payload
+from .core.serialization import load_payload, rebuilt, save_payload
 from .data import BOLTZMANN, TrajectoryData, thermal_energy
 from .geometry import InternalFrame, breadth_first_order, kabsch_align, spanning_tree, unwrap
 
@@ -110,12 +110,8 @@ class SlowModeModel:
     def load(cls, path) -> "SlowModeModel":
         """Read a model file; a foreign, corrupt or incompatible file raises ``ModelFileError``."""
         document = load_payload(path, "molecular")
-        try:
-            return cls(InternalFrame.from_state(document["frame"]), NCTModel.from_state(document["flow"]),
-                       document.get("metadata", {}))
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise ModelFileError(f"{path} is an incomplete or damaged nct_openmm model file "
-                                 f"({type(error).__name__}: {error})") from error
+        return rebuilt(path, lambda: cls(InternalFrame.from_state(document["frame"]),
+                                         NCTModel.from_state(document["flow"]), document.get("metadata", {})))
 
     def summary(self) -> dict:
         """The metadata with the current spectrum, JSON-ready."""

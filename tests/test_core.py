@@ -4,6 +4,7 @@ import copy
 import doctest
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,6 +270,29 @@ def test_bad_model_files_give_clear_errors(tmp_path):
     torch.save({"format": "nct_openmm.model", "format_version": 99, "kind": "flow"}, newer)
     with pytest.raises(ModelFileError, match="version 99"):
         NCTModel.load(newer)
+    wrong_kind = tmp_path / "molecular.pt"
+    torch.save({"format": "nct_openmm.model", "format_version": 1, "kind": "molecular"}, wrong_kind)
+    with pytest.raises(ModelFileError, match="holds a 'molecular' model, expected 'flow'"):
+        NCTModel.load(wrong_kind)
+    damaged = tmp_path / "damaged.pt"
+    state = full_model().state()
+    del state["state_dict"]["prior.log_omega"]
+    torch.save({"format": "nct_openmm.model", "format_version": 1, "kind": "flow", "flow": state}, damaged)
+    with pytest.raises(ModelFileError, match="incomplete or damaged.*RuntimeError"):
+        NCTModel.load(damaged)
+
+
+def test_a_float64_model_round_trips_exactly_and_unstorable_metadata_is_refused_at_save(tmp_path):
+    model = full_model(dtype=torch.float64)
+    path = tmp_path / "model.pt"
+    model.save(path, metadata={"note": "float64", "omega": [1.0, 2.0]})
+    loaded = NCTModel.load(path)
+    assert loaded.prior.log_omega.dtype == torch.float64
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match=r"payload\['metadata'\]\['omega'\] is a float64"):
+        model.save(tmp_path / "other.pt", metadata={"omega": np.float64(1.0)})
+    assert not (tmp_path / "other.pt").exists()
 
 
 def _anisotropic_data(n=2048, seed=0):
@@ -286,15 +310,62 @@ def test_likelihood_checkpoint_resumes_to_identical_numbers(tmp_path):
     uninterrupted = model_from_data(config, q)
     history = fit_likelihood(uninterrupted, q, max_steps=30, **options)
 
+    # A run that crashes at step 18: its last checkpoint (every 5 steps) is from step 15, mid evaluation window.
     checkpoint = str(tmp_path / "ckpt.pt")
-    first = model_from_data(config, q)
-    fit_likelihood(first, q, max_steps=13, checkpoint=checkpoint, checkpoint_every=13, **options)
+    crashing = model_from_data(config, q)
+    original = training.negative_log_likelihood
+    calls = []
+
+    def crash_at_step_18(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 18:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    training.negative_log_likelihood = crash_at_step_18
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_likelihood(crashing, q, max_steps=30, checkpoint=checkpoint, checkpoint_every=5, **options)
+    finally:
+        training.negative_log_likelihood = original
+    assert torch.load(checkpoint, weights_only=True)["step"] == 15
     resumed = model_from_data(config, q)
     history_resumed = fit_likelihood(resumed, q, max_steps=30, checkpoint=checkpoint, **options)
 
-    assert history_resumed.val_loss == history.val_loss
+    assert history_resumed.__dict__ == history.__dict__ | {"elapsed": history_resumed.elapsed}
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _scheduled_run(offset, evaluations, **options):
+    """A Trainer whose monitored loss is ``offset`` plus the given sequence; returns its history."""
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+    values = iter(evaluations)
+
+    def loss_fn(generator, step):
+        return (model.prior.log_omega ** 2).sum()
+
+    trainer = training.Trainer(model, loss_fn, lambda: offset + next(values), eval_every=1, progress=False,
+                               **options)
+    return trainer.fit(len(evaluations))
+
+
+def test_the_schedule_ignores_the_sign_and_offset_of_the_loss():
+    """Rate reductions and stops follow the trainer's own improvement test, so the sign of the loss (a variational
+    free energy is often negative) changes nothing. With ReduceLROnPlateau's relative threshold, an offset of −1000
+    let slightly worse values count as improvements and the rate never dropped."""
+    evaluations = [5.0, 4.0, 3.0, 3.00001, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]
+    runs = [_scheduled_run(offset, evaluations, lr_patience=1, patience=6) for offset in (-1000.0, 0.0, 1000.0)]
+    for run in runs[1:]:
+        assert run.lr == runs[0].lr and run.stopped == runs[0].stopped and run.step == runs[0].step
+    assert runs[0].lr[:5] == [1e-3] * 5 and runs[0].lr[5] == pytest.approx(5e-4)  # 2 evaluations without gain
+    assert runs[0].stopped == "plateau"
+
+
+def test_training_stops_at_the_minimum_rate_only_after_a_window_there():
+    history = _scheduled_run(0.0, [1.0] * 20, lr=1e-3, lr_patience=0, lr_factor=0.5, min_lr=2.5e-4, patience=100)
+    assert history.stopped == "min_lr"
+    assert history.lr == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])  # one evaluation at min_lr, then the stop
 
 
 def test_variational_checkpoint_resumes_to_identical_numbers(tmp_path):

@@ -104,8 +104,9 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
     thermal = _teacher_samples(model, modes, max(1024, samples // 8), 1.0, generator)
     held_out = len(y) // 6
     train = (y[held_out:], targets[held_out:], gradients[held_out:])
-    torch.manual_seed(seed)
-    student = Student(model.layers[0], modes, hidden, depth)
+    with torch.random.fork_rng():  # seeds the initial weights without touching the caller's random stream
+        torch.manual_seed(seed)
+        student = Student(model.layers[0], modes, hidden, depth)
     student.net.to(y.dtype)
     _train_student(student.net, train, steps, batch, gradient_weight, lr, generator, progress)
     report = _report(student.net, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal,

@@ -10,7 +10,6 @@ every layer here maps positions forward and inverse, and carries momenta through
 vector–Jacobian products are written out in closed form rather than taken from autograd, so that training through the
 momenta differentiates once (an ordinary backward pass), not twice.
 """
-import math
 from typing import List, Tuple
 
 import torch

@@ -10,10 +10,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .layers import AffineCoupling, AffinePoint, LinearPoint, PointLayer, coupling_masks
+from .layers import AffineCoupling, AffinePoint, LinearPoint, coupling_masks
 from .linear import LinearSymplectic
 from .prior import HarmonicPrior
-from .serialization import load_payload, save_payload
+from .serialization import load_payload, rebuilt, save_payload
 
 
 @dataclass
@@ -47,7 +47,7 @@ class NCTModel(nn.Module):
         Initial ω of the prior (default ones).
     pre, post : AffinePoint, optional
         Fixed affine point maps applied before the couplings (e.g. whitening) and after them (e.g. restoring the
-        physical scale); identity by default. :func:`nct_openmm.core.training.initialize_from_data` sets them so
+        physical scale); identity by default. :func:`nct_openmm.core.training.model_from_data` sets them so
         that the untrained model is the harmonic (PCA) limit of the data.
 
     Examples
@@ -168,13 +168,14 @@ class NCTModel(nn.Module):
     # --- persistence --------------------------------------------------------------------------------------------
     def state(self) -> dict:
         """Hyperparameters and weights as plain data (what :meth:`from_state` rebuilds from)."""
-        return {"config": asdict(self.config), "state_dict": {k: v.detach().cpu() for k, v in
-                                                              self.state_dict().items()}}
+        return {"config": asdict(self.config), "dtype": str(self.prior.log_omega.dtype).replace("torch.", ""),
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "NCTModel":
         config = FlowConfig(**state["config"])
-        model = cls(config)
+        # Built in the saved dtype: loading float64 weights into a float32 model would round them.
+        model = cls(config).to(getattr(torch, state.get("dtype", "float32")))
         model.load_state_dict(state["state_dict"])
         return model
 
@@ -186,6 +187,6 @@ class NCTModel(nn.Module):
     def load(cls, path) -> "NCTModel":
         """Read a model written by :meth:`save`; a foreign or incompatible file raises ``ModelFileError``."""
         document = load_payload(path, "flow")
-        model = cls.from_state(document["flow"])
+        model = rebuilt(path, lambda: cls.from_state(document["flow"]))
         model.metadata = document.get("metadata", {})
         return model

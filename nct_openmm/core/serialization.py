@@ -16,7 +16,15 @@ class ModelFileError(ValueError):
 
 
 def save_payload(path, payload: dict) -> None:
-    """Write ``payload`` with the format header; the file appears whole or not at all."""
+    """Write ``payload`` with the format header; the file appears whole or not at all.
+
+    Raises
+    ------
+    ValueError
+        When the payload holds something ``weights_only`` loading would refuse (numpy numbers, paths, objects):
+        caught here rather than when the file is read back.
+    """
+    _check_plain(payload, "payload")
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(document, tmp)
@@ -50,3 +58,29 @@ def load_payload(path, kind: str) -> dict:
     if document.get("kind") != kind:
         raise ModelFileError(f"{path} holds a {document.get('kind')!r} model, expected {kind!r}")
     return document
+
+
+def rebuilt(path, build):
+    """``build()`` (a model from a loaded document), with a damaged or incompatible document as ModelFileError."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelFileError(f"{path} is an incomplete or damaged nct_openmm model file "
+                             f"({type(error).__name__}: {first_line})") from error
+
+
+def _check_plain(value, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has a key {key!r} that is not a string")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif not (value is None or type(value) in (str, bool, int, float) or isinstance(value, torch.Tensor)):
+        # type(), not isinstance(): numpy's float64 subclasses float but is stored as a numpy object.
+        raise ValueError(f"{where} is a {type(value).__name__}; a model file holds only strings, numbers, "
+                         "booleans, None, tensors, and lists and dicts of them (convert it, e.g. with float() or "
+                         "str())")

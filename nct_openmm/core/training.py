@@ -27,7 +27,7 @@ def augment_momenta(q: Tensor, masses=1.0, kT: float = 1.0, generator: Optional[
     >>> round(float(p.var()), 1)
     8.0
     """
-    std = torch.sqrt(torch.as_tensor(masses, dtype=q.dtype) * kT)
+    std = torch.sqrt(torch.as_tensor(masses, dtype=q.dtype, device=q.device) * kT)
     return torch.randn(q.shape, generator=generator, dtype=q.dtype, device=q.device) * std
 
 
@@ -220,14 +220,18 @@ class CapturedStep:
 
 
 class Trainer:
-    """Adam with ``ReduceLROnPlateau`` on a monitored loss, early stopping, seeded randomness, resumable checkpoints.
+    """Adam with a plateau schedule on a monitored loss, early stopping, seeded randomness, resumable checkpoints.
 
     ``loss_fn(generator, step)`` returns a scalar training loss; ``evaluate_fn()`` returns the monitored loss
     (a validation loss, or a fresh large-batch estimate). ``extra_state`` is a dict the loss function keeps its own
     state in (e.g. the position in an epoch); it is checkpointed and restored in place. Every ``eval_every`` steps
-    the monitored loss drives the learning-rate schedule, early stopping and the best-weights copy. A checkpoint
-    holds the model, optimiser, scheduler, generator state and history, so resuming reproduces an uninterrupted run
-    exactly.
+    the monitored loss drives the best-weights copy, the schedule and early stopping. An evaluation improves on the
+    best one when it is lower by more than ``1e-4 · max(1, |best|)``; after every ``lr_patience + 1`` evaluations
+    in a row without improvement the learning rates are multiplied by ``lr_factor`` (not below ``min_lr``); training
+    stops after ``patience`` such evaluations, or when a reduction is due and the rate is already at ``min_lr``. One
+    criterion serves all three, so the schedule behaves the same for negative losses (variational free energies)
+    as for positive ones. A checkpoint holds the model, optimiser, generator state, history and the training losses
+    of the unfinished evaluation window, so resuming reproduces an uninterrupted run exactly.
 
     Randomness comes from ``generator``, a ``torch.Generator`` on the model's device. With ``cuda_graph=True`` (a
     model on a CUDA device) every step is replayed from a CUDA graph (:class:`CapturedStep`): ``loss_fn`` is then
@@ -253,8 +257,7 @@ class Trainer:
         self.extra_state = extra_state if extra_state is not None else {}
         self.loss_fn, self.evaluate_fn = loss_fn, evaluate_fn
         self.optimizer = flow_optimizer(model, lr, frequency_lr_factor, capturable=cuda_graph)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=lr_factor,
-                                                                    patience=lr_patience, min_lr=min_lr)
+        self.lr_patience, self.lr_factor = lr_patience, lr_factor
         self.generator = torch.Generator(device=device).manual_seed(seed)
         if cuda_graph:
             torch.cuda.manual_seed(seed)
@@ -265,22 +268,25 @@ class Trainer:
         self.step_count = 0
         self._best_state = None
         self._stale = 0
+        self._running: List[Tensor] = []  # training losses since the last evaluation
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        running = torch.stack(self._running).cpu() if self._running else torch.zeros(0)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-                "history": self.history.__dict__.copy(), "step": self.step_count, "stale": self._stale,
-                "best_state": self._best_state, "extra_state": dict(self.extra_state)}
+                "generator": self.generator.get_state(), "history": self.history.__dict__.copy(),
+                "step": self.step_count, "stale": self._stale, "best_state": self._best_state,
+                "extra_state": dict(self.extra_state), "running": running}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.history = TrainingHistory(**state["history"])
         self.step_count, self._stale, self._best_state = state["step"], state["stale"], state["best_state"]
         self.extra_state.update(state["extra_state"])
+        device = next(self.model.parameters()).device
+        self._running = list(state.get("running", torch.zeros(0)).to(device))
 
     def save_checkpoint(self, path: Optional[str] = None) -> None:
         path = path or self.checkpoint
@@ -302,16 +308,15 @@ class Trainer:
         torch.set_flush_denormal(True)  # decayed weights as float32 denormals slow every matmul several-fold
         start = time.perf_counter() - (self.history.elapsed[-1] if self.history.elapsed else 0.0)
         bar = _progress_bar(max_steps, self.step_count, self.description, self.progress)
-        running = []
         self.model.train()
         step = self._captured_step() if self.cuda_graph else self._eager_step
         while self.step_count < max_steps and not self.history.stopped:
-            running.append(step())
+            self._running.append(step())
             self.step_count += 1
             bar.update(1)
             if self.step_count % self.eval_every == 0:
-                self._evaluate(self._mean_loss(running), time.perf_counter() - start, schedule=True)
-                running = []
+                self._evaluate(self._mean_loss(self._running), time.perf_counter() - start, schedule=True)
+                self._running = []
                 bar.set_postfix(loss=f"{self.history.train_loss[-1]:.4g}", val=f"{self.history.val_loss[-1]:.4g}",
                                 lr=f"{self.history.lr[-1]:.2g}")
             if self.checkpoint and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
@@ -319,9 +324,9 @@ class Trainer:
         bar.close()
         if self.checkpoint:
             self.save_checkpoint()
-        if running:
+        if self._running:
             # Outside the schedule and after the last checkpoint, so a resumed run matches an uninterrupted one.
-            self._evaluate(self._mean_loss(running), time.perf_counter() - start, schedule=False)
+            self._evaluate(self._mean_loss(self._running), time.perf_counter() - start, schedule=False)
         self.history.stopped = self.history.stopped or "max_steps"
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
@@ -358,7 +363,7 @@ class Trainer:
         h.step.append(self.step_count)
         h.train_loss.append(train_loss)
         h.val_loss.append(val)
-        h.lr.append(self.optimizer.param_groups[0]["lr"])
+        h.lr.append(float(self.optimizer.param_groups[0]["lr"]))  # a captured step's rate is a tensor
         h.elapsed.append(elapsed)
         if not math.isfinite(h.best_val_loss) or val < h.best_val_loss - 1e-4 * max(1.0, abs(h.best_val_loss)):
             h.best_val_loss = val
@@ -368,11 +373,23 @@ class Trainer:
             self._stale += 1
         if not schedule:
             return
-        self.scheduler.step(val)
         if self._stale >= self.patience:
             h.stopped = "plateau"
-        elif self.optimizer.param_groups[0]["lr"] <= self.min_lr * (1 + 1e-9) and self._stale >= 1:
-            h.stopped = "min_lr"
+        elif self._stale and self._stale % (self.lr_patience + 1) == 0:
+            self._reduce_learning_rates()
+
+    def _reduce_learning_rates(self) -> None:
+        """Multiply every group's rate by ``lr_factor``, down to ``min_lr``; stop instead when the flow's rate (the
+        first group; the frequencies' group may run faster) is at ``min_lr`` already."""
+        if float(self.optimizer.param_groups[0]["lr"]) <= self.min_lr * (1 + 1e-9):
+            self.history.stopped = "min_lr"
+            return
+        for group in self.optimizer.param_groups:
+            new = max(float(group["lr"]) * self.lr_factor, self.min_lr)
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(new)  # in place: a captured step holds this tensor
+            else:
+                group["lr"] = new
 
 
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):
@@ -503,7 +520,7 @@ def free_energy_estimate(flow: NCTModel, hamiltonian, n: int = 4096, seed: int =
     >>> round(free_energy_estimate(model, H, n=1000)["variational"], 4)  # exact: −2 ln(2π/2)
     -2.2895
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=flow.prior.log_omega.device).manual_seed(seed)
     values = []
     with torch.no_grad():
         for start in range(0, n, batch):
@@ -564,6 +581,9 @@ def fit_variational(model: NCTModel, hamiltonian: Callable, *, beta: float = 1.0
     >>> [round(w, 1) for w in model.frequencies().tolist()]
     [2.0, 2.0]
     """
+    if whiten and trainer_options.get("cuda_graph"):
+        # whiten_batch diagonalises the batch covariance (eigh), which checks its result on the host.
+        raise ValueError("whiten=True cannot be captured in a CUDA graph; use one of them")
     objective = _variational_training_objective(model, hamiltonian, beta, gradient, compile_loss, trainer_options)
 
     def loss_fn(generator, step):
