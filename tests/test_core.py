@@ -368,6 +368,20 @@ def test_training_stops_at_the_minimum_rate_only_after_a_window_there():
     assert history.lr == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])  # one evaluation at min_lr, then the stop
 
 
+def test_a_checkpoint_of_other_data_is_refused_at_resume(tmp_path):
+    q = _anisotropic_data()
+    config = FlowConfig(dim=3, n_couplings=1, hidden=4)
+    checkpoint = str(tmp_path / "ckpt.pt")
+    options = dict(batch_size=100, max_steps=5, progress=False, checkpoint=checkpoint)
+    fit_likelihood(model_from_data(config, q), q, **options)
+    saved = open(checkpoint, "rb").read()
+    with pytest.raises(ValueError, match="belongs to another training problem .*train.*delete it"):
+        fit_likelihood(model_from_data(config, q[::2]), q[::2], **options)
+    with pytest.raises(ValueError, match="differs in kT"):
+        fit_likelihood(model_from_data(config, q), q, kT=2.0, **options)
+    assert open(checkpoint, "rb").read() == saved  # nothing overwritten
+
+
 def test_variational_checkpoint_resumes_to_identical_numbers(tmp_path):
     def hamiltonian(q, p):
         return 0.5 * (p ** 2).sum(-1) + 0.5 * (q ** 2 * torch.tensor([0.25, 4.0])).sum(-1)

@@ -5,6 +5,7 @@ Units: the core works in reduced units, ``β = 1``. Molecular data are brought t
 :mod:`nct_openmm.data` (mass-weighted, divided by ``√kT``); toy Hamiltonians are written in them directly.
 """
 import copy
+import hashlib
 import math
 import os
 import time
@@ -231,7 +232,8 @@ class Trainer:
     stops after ``patience`` such evaluations, or when a reduction is due and the rate is already at ``min_lr``. One
     criterion serves all three, so the schedule behaves the same for negative losses (variational free energies)
     as for positive ones. A checkpoint holds the model, optimiser, generator state, history and the training losses
-    of the unfinished evaluation window, so resuming reproduces an uninterrupted run exactly.
+    of the unfinished evaluation window, so resuming reproduces an uninterrupted run exactly. ``fingerprint``
+    describes the problem (data digests, settings); a checkpoint written for another one is refused at resume.
 
     Randomness comes from ``generator``, a ``torch.Generator`` on the model's device. With ``cuda_graph=True`` (a
     model on a CUDA device) every step is replayed from a CUDA graph (:class:`CapturedStep`): ``loss_fn`` is then
@@ -244,8 +246,10 @@ class Trainer:
                  frequency_lr_factor: float = 10.0, eval_every: int = 100, patience: int = 10,
                  lr_patience: int = 3, lr_factor: float = 0.5, min_lr: float = 1e-5, seed: int = 0,
                  checkpoint: Optional[str] = None, checkpoint_every: int = 0, progress: bool = True,
-                 description: str = "training", extra_state: Optional[dict] = None, cuda_graph: bool = False):
+                 description: str = "training", extra_state: Optional[dict] = None, cuda_graph: bool = False,
+                 fingerprint: Optional[dict] = None):
         self.model = model
+        self.fingerprint = fingerprint
         device = next(model.parameters()).device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a model on a CUDA device, this one is on {device}")
@@ -276,7 +280,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "history": self.history.__dict__.copy(),
                 "step": self.step_count, "stale": self._stale, "best_state": self._best_state,
-                "extra_state": dict(self.extra_state), "running": running}
+                "extra_state": dict(self.extra_state), "running": running, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -299,7 +303,14 @@ class Trainer:
         path = path or self.checkpoint
         if not path or not os.path.exists(path):
             return False
-        self.load_state_dict(torch.load(path, weights_only=True))
+        state = torch.load(path, weights_only=True)
+        saved = state.get("fingerprint")
+        if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
+            changed = sorted(key for key in set(saved) | set(self.fingerprint)
+                             if saved.get(key) != self.fingerprint.get(key))
+            raise ValueError(f"the checkpoint {path} belongs to another training problem (it differs in "
+                             f"{', '.join(changed)}): delete it, or give this run another checkpoint path")
+        self.load_state_dict(state)
         return True
 
     # --- the loop -----------------------------------------------------------------------------------------------
@@ -392,6 +403,15 @@ class Trainer:
                 group["lr"] = new
 
 
+def _digest(tensor: Optional[Tensor]) -> str:
+    """A short content hash of a tensor (its dtype, shape and bytes), or "none"."""
+    if tensor is None:
+        return "none"
+    array = tensor.detach().cpu().contiguous().numpy()
+    header = f"{array.dtype}{array.shape}".encode()
+    return hashlib.sha1(header + array.tobytes()).hexdigest()[:16]
+
+
 def _progress_bar(total: int, initial: int, description: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -479,9 +499,14 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
             norm += float(wb.sum())
         return total / norm
 
+    fingerprint = {"method": "likelihood", "config": repr(model.config), "train": _digest(q),
+                   "weights": _digest(weights), "validation": _digest(q_val),
+                   "validation_weights": _digest(weights_val), "masses": _digest(torch.as_tensor(masses)),
+                   "kT": float(kT), "batch_size": int(batch_size)}
     trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every or max(1, len(q) // batch_size),
                       patience=patience, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                      progress=progress, description="max. likelihood", extra_state=order, **trainer_options)
+                      progress=progress, description="max. likelihood", extra_state=order, fingerprint=fingerprint,
+                      **trainer_options)
     if resume:
         trainer.resume()
     return trainer.fit(max_steps)
@@ -594,10 +619,13 @@ def fit_variational(model: NCTModel, hamiltonian: Callable, *, beta: float = 1.0
         with torch.no_grad():
             return float(variational_loss(model, hamiltonian, eval_batch, beta, generator))
 
+    # The Hamiltonian itself cannot be fingerprinted; the settings and the model's configuration can.
+    fingerprint = {"method": "variational", "config": repr(model.config), "beta": float(beta),
+                   "batch_size": int(batch_size), "whiten": bool(whiten), "gradient": gradient}
     trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every, patience=patience, seed=seed,
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
                       description="variational" if gradient == "reparameterization" else "variational (path gradient)",
-                      **trainer_options)
+                      fingerprint=fingerprint, **trainer_options)
     if resume:
         trainer.resume()
     return trainer.fit(max_steps)
