@@ -75,10 +75,47 @@ class SlowModeModel:
         with torch.no_grad():
             return self.frame.internal(x, box)
 
+    def positions_and_boxes(self, data):
+        """Selected-atom positions ``(T, n, 3)`` and boxes (or None) of ``data``, checked against this model's atom
+        selection: a :class:`TrajectoryData` must hold the model's atoms, positions ``(T, n, 3)`` or ``(n, 3)``
+        the model's number of atoms.
+
+        Raises
+        ------
+        ValueError
+            Naming the mismatch.
+
+        Examples
+        --------
+        >>> model.positions_and_boxes(np.zeros((5, 3, 3)))  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: the data have 3 atoms per frame but the model reads 10 (its atom selection)
+        """
+        if isinstance(data, TrajectoryData):
+            if list(data.atom_indices) != self.atom_indices:
+                raise ValueError(
+                    f"the data hold atoms {_short(data.atom_indices)} but the model reads atoms "
+                    f"{_short(self.atom_indices)}; load the trajectories with the model's atom selection"
+                )
+            positions, boxes = data.positions, data.boxes
+        else:
+            positions, boxes = np.asarray(data, dtype=float), None
+        if positions.ndim == 2:
+            positions = positions[None]
+        n = len(self.atom_indices)
+        if positions.ndim != 3 or positions.shape[2] != 3:
+            raise ValueError(f"positions must be (T, n, 3) or (n, 3), got shape {positions.shape}")
+        if positions.shape[1] != n:
+            raise ValueError(f"the data have {positions.shape[1]} atoms per frame but the model reads {n} "
+                             "(its atom selection)")
+        return positions, boxes
+
     def transform(self, data, k: Optional[int] = None, scaled: bool = True, batch: int = 8192) -> np.ndarray:
         """Slow modes ``(T, k)`` of ``data`` (a :class:`TrajectoryData` or selected positions ``(T, n, 3)``),
-        slowest first; ``scaled`` gives ``ε = ω Q`` (unit variance under the model)."""
-        positions, boxes = (data.positions, data.boxes) if isinstance(data, TrajectoryData) else (data, None)
+        slowest first; ``scaled`` gives ``ε = ω Q`` (unit variance under the model). ``k`` defaults to all."""
+        if k is not None and not 1 <= k <= self.n_modes:
+            raise ValueError(f"k must be between 1 and the model's {self.n_modes} modes, got {k}")
+        positions, boxes = self.positions_and_boxes(data)
         u = self.internal_coordinates(positions, boxes).float()
         with torch.no_grad():
             out = [self.flow.slow_modes(u[i:i + batch], k, scaled) for i in range(0, len(u), batch)]
@@ -86,7 +123,7 @@ class SlowModeModel:
 
     def log_likelihood(self, data, seed: int = 0) -> np.ndarray:
         """Phase-space log-likelihood ``ln ρ(u, p)`` per frame with Maxwell–Boltzmann momenta (seeded)."""
-        positions, boxes = (data.positions, data.boxes) if isinstance(data, TrajectoryData) else (data, None)
+        positions, boxes = self.positions_and_boxes(data)
         u = self.internal_coordinates(positions, boxes).float()
         p = torch.randn(u.shape, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
@@ -223,3 +260,17 @@ def _internal(frame: InternalFrame, data: TrajectoryData) -> torch.Tensor:
     box = None if data.boxes is None else torch.as_tensor(data.boxes, dtype=torch.float64)
     with torch.no_grad():
         return frame.internal(x, box).float()
+
+
+def _short(indices, limit=8):
+    """A list of indices, abbreviated for error messages.
+
+    Examples
+    --------
+    >>> _short(range(20), limit=3)
+    '[0, 1, 2, ...] (20 atoms)'
+    """
+    indices = list(indices)
+    if len(indices) <= limit:
+        return str(indices)
+    return "[" + ", ".join(str(i) for i in indices[:limit]) + f", ...] ({len(indices)} atoms)"

@@ -431,6 +431,18 @@ def test_cartesian_inverts_internal_onto_the_aligned_structure(ala2_model, ala2_
 # 3. Model file
 # ---------------------------------------------------------------------------------------------------------------
 
+def test_transform_refuses_data_the_model_cannot_read(ala2_model, ala2_run, ala2_data):
+    model = ala2_model.model
+    other = load_trajectories(ala2_run.trajectory, ala2_run.topology, selection="index 0 to 9", stop=5)
+    with pytest.raises(ValueError, match="the data hold atoms .* but the model reads atoms"):
+        model.transform(other)
+    with pytest.raises(ValueError, match="the data have 22 atoms per frame but the model reads 10"):
+        model.transform(np.zeros((3, 22, 3)))
+    for k in (0, model.n_modes + 1):
+        with pytest.raises(ValueError, match=f"k must be between 1 and the model's {model.n_modes} modes"):
+            model.transform(ala2_data.positions[:3], k=k)
+
+
 def test_save_load_round_trip_gives_identical_transforms(ala2_model, ala2_data):
     model, loaded = ala2_model.model, SlowModeModel.load(ala2_model.path)
     np.testing.assert_array_equal(loaded.transform(ala2_data), model.transform(ala2_data))

@@ -90,51 +90,6 @@ def _example_model(seed=0):
 # --- shared plumbing ------------------------------------------------------------------------------------------------
 
 
-def _positions_and_boxes(model, data):
-    """Selected-atom positions (T, n, 3) and boxes of ``data``, checked against the model's atom selection.
-
-    Examples
-    --------
-    >>> model, positions = _example_model()
-    >>> _positions_and_boxes(model, positions[:, :3])
-    Traceback (most recent call last):
-    ...
-    ValueError: the data have 3 atoms per frame but the model reads 4 (its atom selection)
-    """
-    if isinstance(data, TrajectoryData):
-        if list(data.atom_indices) != model.atom_indices:
-            raise ValueError(
-                f"the data hold atoms {_short(data.atom_indices)} but the model reads atoms "
-                f"{_short(model.atom_indices)}; load the trajectories with the model's atom selection"
-            )
-        positions, boxes = data.positions, data.boxes
-    else:
-        positions, boxes = np.asarray(data, dtype=float), None
-    if positions.ndim == 2:
-        positions = positions[None]
-    n = len(model.atom_indices)
-    if positions.ndim != 3 or positions.shape[2] != 3:
-        raise ValueError(f"positions must be (T, n, 3) or (n, 3), got shape {positions.shape}")
-    if positions.shape[1] != n:
-        raise ValueError(f"the data have {positions.shape[1]} atoms per frame but the model reads {n} "
-                         "(its atom selection)")
-    return positions, boxes
-
-
-def _short(indices, limit=8):
-    """A list of indices, abbreviated for error messages.
-
-    Examples
-    --------
-    >>> _short(range(20), limit=3)
-    '[0, 1, 2, ...] (20 atoms)'
-    """
-    indices = list(indices)
-    if len(indices) <= limit:
-        return str(indices)
-    return "[" + ", ".join(str(i) for i in indices[:limit]) + f", ...] ({len(indices)} atoms)"
-
-
 def _weights(data):
     """Per-frame weights of ``data`` when it is a weighted :class:`TrajectoryData`, else None."""
     return data.weights if isinstance(data, TrajectoryData) else None
@@ -221,7 +176,7 @@ def spectrum_report(model, data):
     >>> np.allclose(report["frequencies"], report["pca_frequencies"], rtol=0.01)  # untrained: the PCA limit
     True
     """
-    positions, boxes = _positions_and_boxes(model, data)
+    positions, boxes = model.positions_and_boxes(data)
     if len(positions) < 2:
         raise ValueError("the PCA baseline needs at least two frames")
     u = model.internal_coordinates(positions, boxes).numpy()
@@ -280,7 +235,7 @@ def dihedral_information(model, data, traj=None, n_modes=6, k=5):
     ...
     ValueError: dihedral_information needs a peptide: the topology has no backbone phi/psi dihedral (found 0 phi, 0 psi)
     """
-    positions, boxes = _positions_and_boxes(model, data)
+    positions, boxes = model.positions_and_boxes(data)
     if traj is None:
         if not isinstance(data, TrajectoryData):
             raise ValueError("give traj (an mdtraj.Trajectory naming the backbone) when data is a positions array")
@@ -344,7 +299,7 @@ def configuration_log_likelihood(model, data):
     >>> bool(np.allclose(configuration_log_likelihood(model, positions[:3]), gaussian.logpdf(u[:3]), atol=1e-3))
     True
     """
-    positions, boxes = _positions_and_boxes(model, data)
+    positions, boxes = model.positions_and_boxes(data)
     u = model.internal_coordinates(positions, boxes)
     return _log_likelihood_of_internal(_flow64(model), u)
 
@@ -423,7 +378,7 @@ def interpolate(model, start_positions, end_positions, n_frames=20, modes=None, 
         positions = np.asarray(positions, dtype=float)
         if positions.ndim != 2:
             raise ValueError(f"start and end positions must be single structures (n, 3), got shape {positions.shape}")
-        positions, _ = _positions_and_boxes(model, positions)
+        positions, _ = model.positions_and_boxes(positions)
         u.append(model.internal_coordinates(positions, None if box is None else np.asarray(box)[None]))
     with torch.no_grad():
         eps = _eps_from_flow_latent(flow, flow.transform(torch.cat(u)))
