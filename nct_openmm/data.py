@@ -57,7 +57,7 @@ class TrajectoryData:
     weights : ndarray (T,) or None
         Statistical weights per frame.
     sources : list of str
-        The trajectory files.
+        The trajectory files, as absolute paths (so a model's provenance stays unambiguous wherever it is read).
     """
 
     positions: np.ndarray
@@ -202,7 +202,7 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
     if weights is not None:
         frame_weights = np.concatenate([_frame_weights(w, b[2], b[3], p) for w, b, p in zip(weights, blocks, paths)])
     return TrajectoryData(positions, boxes, ids, frame_indices, atom_indices, masses, local_bonds(top, atom_indices),
-                          top, frame_weights, [os.fspath(p) for p in paths])
+                          top, frame_weights, [os.path.abspath(p) for p in paths])
 
 
 def _check_frame_range(start, stop, stride, max_frames):

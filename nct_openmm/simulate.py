@@ -89,7 +89,8 @@ def runLangevin(
 ):
     """Run Langevin dynamics (``LangevinMiddleIntegrator``) and write ``outDir/traj.dcd`` and ``outDir/top.pdb``.
 
-    ``outDir`` is created if missing; ``traj.dcd`` and ``top.pdb`` already there are overwritten. ``top.pdb`` holds
+    ``outDir`` is created if missing; ``traj.dcd`` and ``top.pdb`` already there are overwritten, and a
+    ``weights.txt`` of an earlier biased run is removed (or rewritten by a biased one). ``top.pdb`` holds
     the structure the dynamics starts from (after minimization, if any). The same ``seed`` on the Reference platform
     gives the same trajectory; other platforms may differ in the last bits between runs.
 
@@ -151,6 +152,10 @@ def runLangevin(
     os.makedirs(outDir, exist_ok=True)
     topologyPath = os.path.join(outDir, "top.pdb")
     trajectoryPath = os.path.join(outDir, "traj.dcd")
+    staleWeights = os.path.join(outDir, "weights.txt")
+    if bias is None and os.path.exists(staleWeights):
+        # Left by an earlier biased run into this folder, it would pair its factors with the new frames.
+        os.remove(staleWeights)
     writeStructure(simulation, topologyPath)
     simulation.reporters.append(app.DCDReporter(trajectoryPath, stepsPerFrame))
 

@@ -200,6 +200,11 @@ class NCT:
         """The internal frame for ``data``: its atoms, masses, average structure and the temperature."""
         parents = spanning_tree(len(data.atom_indices), data.bonds)
         positions = data.positions
+        pieces = sum(parent < 0 for parent in parents)
+        if data.boxes is not None and pieces > 1:
+            raise ValueError(f"the selected atoms form {pieces} pieces not bonded to each other, which cannot be "
+                             "made whole across periodic boundaries (the CV would jump whenever the box splits "
+                             "them); select atoms bonded to each other, e.g. 'backbone' rather than 'name CA'")
         if data.boxes is not None:
             # Molecules broken across the periodic boundary would otherwise be averaged into a distorted reference.
             positions = unwrap(torch.as_tensor(positions, dtype=torch.float64),

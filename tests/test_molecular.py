@@ -255,6 +255,9 @@ def test_train_cli_reports_bad_inputs_in_one_line_with_exit_code_2(ala2_run, tmp
         (["--traj", ala2_run.trajectory, "--stride", "0"], "stride must be a positive integer"),
         (["--traj", ala2_run.trajectory, "--max-frames", "100"], "fewer than one batch of 256"),
         (["--traj", ala2_run.trajectory, "--validation", "0"], "validation frames"),
+        (["--traj", ala2_run.trajectory, "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--traj", ala2_run.trajectory, "--out", str(tmp_path / "missing" / "m.pt")],
+         "the folder of --out does not exist"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2, extra
@@ -314,6 +317,15 @@ def test_the_reference_structure_does_not_depend_on_broken_molecules(ala2_data):
     # The same internal coordinates up to an orthogonal change of basis: equal Gram matrices.
     u, v = (frame.internal(torch.as_tensor(frames.positions)) for frame in (whole, other))
     np.testing.assert_allclose((v @ v.T).numpy(), (u @ u.T).numpy(), atol=1e-9)
+
+
+def test_unbonded_pieces_under_periodic_boundaries_are_refused(ala2_run, ala2_data):
+    """Atoms not bonded to each other cannot be made whole across the box; without a box they are fine."""
+    scattered = load_trajectories(ala2_run.trajectory, ala2_run.topology, selection="name CA or name O", stop=50)
+    tiny_estimator().make_frame(scattered)
+    scattered.boxes = np.tile(3.0 * np.eye(3), (scattered.n_frames, 1, 1))
+    with pytest.raises(ValueError, match="form .* pieces not bonded to each other"):
+        tiny_estimator().make_frame(scattered)
 
 
 def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):

@@ -40,9 +40,11 @@ def test_run_leaves_the_system_unchanged_and_overwrites_the_output(tmp_path):
     chain = harmonicChainSystem(3)
     forcesBefore = chain.system.getNumForces()
     runLangevin(chain, str(tmp_path), ns=0.001, platform="Reference", progress=False, reportInterval=0.1)
+    (tmp_path / "weights.txt").write_text("1\n" * 10)  # as an earlier biased run into this folder left it
     result = runLangevin(chain, str(tmp_path), **SHORT)
     assert chain.system.getNumForces() == forcesBefore
     assert mdtraj.load(result.trajectory, top=result.topology).n_frames == 10
+    assert result.weights is None and not (tmp_path / "weights.txt").exists()
 
 
 @pytest.mark.parametrize(

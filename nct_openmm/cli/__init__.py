@@ -5,7 +5,10 @@ subcommand and sets ``func`` (called with the parsed arguments, returning an exi
 """
 import argparse
 import importlib
+import pickle
 import sys
+
+import openmm
 
 #: Subcommand modules, in the order ``nct --help`` lists them.
 SUBCOMMANDS = ("sample", "train", "info", "analyze", "export", "metad")
@@ -43,8 +46,11 @@ def main(argv=None):
         return 0
     try:
         return args.func(args) or 0
-    except (CommandError, ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"nct {args.command}: error: {error}", file=sys.stderr)
+    except (CommandError, ValueError, OSError, RuntimeError, ArithmeticError, pickle.UnpicklingError,
+            openmm.OpenMMException) as error:
+        # One line: the first of the message (OpenMM and torch append their own tracebacks below it).
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        print(f"nct {args.command}: error: {lines[0]}", file=sys.stderr)
         return 2
 
 
