@@ -207,10 +207,10 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
 
 def _check_frame_range(start, stop, stride, max_frames):
     for name, value in (("stride", stride), ("max_frames", max_frames)):
-        if value is not None and (int(value) != value or value < 1):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("start", start), ("stop", stop)):
-        if value is not None and int(value) != value:
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
             raise ValueError(f"{name} must be an integer frame index, got {value!r}")
 
 
@@ -309,9 +309,16 @@ def _atoms_per_frame(path) -> Optional[int]:
 
 
 def _frame_weights(source, frame_indices, n_total, path):
-    values = np.loadtxt(source, ndmin=1) if isinstance(source, (str, os.PathLike)) else np.asarray(source, float)
+    try:
+        values = np.loadtxt(source, ndmin=1) if isinstance(source, (str, os.PathLike)) else np.asarray(source, float)
+    except ValueError as error:
+        raise ValueError(f"the weights for {path} ({source if isinstance(source, (str, os.PathLike)) else 'array'}) "
+                         f"are not a column of numbers: {error}") from None
     if values.ndim != 1 or len(values) != n_total:
         raise ValueError(f"weights for {path} must be one value per frame ({n_total}), got shape {values.shape}")
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError(f"weights for {path} must be finite and non-negative")
-    return values[frame_indices]
+    selected = values[frame_indices]
+    if not selected.sum() > 0:
+        raise ValueError(f"the weights of the frames loaded from {path} are all zero")
+    return selected

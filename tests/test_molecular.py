@@ -138,6 +138,7 @@ def test_frame_ranges_pick_those_frames_across_chunks(ala2_run, ala2_traj, optio
     (dict(stride=-2), "stride must be a positive integer"),
     (dict(max_frames=0), "max_frames must be a positive integer"),
     (dict(start=2000), "no frames in the range start=2000.*the file has 1000"),
+    (dict(stride=2.0), "stride must be a positive integer, got 2.0"),
 ])
 def test_bad_frame_ranges_are_clear_errors(ala2_run, options, message):
     with pytest.raises(ValueError, match=message):
@@ -189,10 +190,19 @@ def test_weights_from_arrays_and_text_files_follow_the_frames(ala2_run, ala2_tra
     (lambda folder: [_text_file(folder, np.ones((1000, 2)))],
      "one value per frame \\(1000\\), got shape \\(1000, 2\\)"),
     (lambda folder: [_text_file(folder, np.ones(10))], "one value per frame \\(1000\\), got shape \\(10,\\)"),
+    (lambda folder: [np.zeros(1000)], "are all zero"),
+    (lambda folder: [_words_file(folder)], "weights.txt\\) are not a column of numbers"),
 ])
 def test_wrong_weights_are_clear_errors(ala2_run, tmp_path, make_weights, message):
     with pytest.raises(ValueError, match=message):
         load_trajectories([ala2_run.trajectory], ala2_run.topology, weights=make_weights(tmp_path))
+
+
+def _words_file(folder):
+    path = os.path.join(str(folder), "weights.txt")
+    with open(path, "w") as handle:
+        handle.write("abc\n" * 1000)
+    return path
 
 
 def _text_file(folder, values):

@@ -21,7 +21,8 @@ def run(args):
     print(f"model        {args.model}")
     print(f"atoms        {len(info['atom_indices'])} (indices {info['atom_indices']})")
     print(f"temperature  {info['temperature']:.2f} K")
-    print(f"modes        {info['n_internal_modes']} internal (3n - 6)")
+    print(f"modes        {info['n_internal_modes']} internal coordinates of {3 * len(info['atom_indices'])} "
+          "Cartesian ones")
     if training:
         print(f"training     {training.get('method')}; {training.get('train_frames')} frames, "
               f"validation NLL {training.get('best_validation_nll'):.4g}, {training.get('steps')} steps, "
