@@ -3,6 +3,8 @@ on a small setting."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -115,3 +117,13 @@ def test_metad_cli_refuses_a_stride_that_does_not_divide_the_hill_frequency(ala2
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--naive",
                  "--student", "--out", str(tmp_path)]) == 2
     assert "--naive" in capsys.readouterr().err
+
+
+def test_the_command_line_parser_does_not_load_openmm_torch():
+    """A broken openmm-torch install (an ABI mismatch) must leave nct sample, train, info, analyze and export working:
+    only nct metad needs it, and imports it when it runs."""
+    code = ("import sys; from nct_openmm.cli import build_parser; build_parser(); "
+            "sys.exit(1 if 'openmmtorch' in sys.modules else 0)")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=repository)
+    assert subprocess.run([sys.executable, "-c", code], cwd=repository, env=environment).returncode == 0

@@ -1,6 +1,5 @@
 """``nct metad``: well-tempered metadynamics on the slow modes of a trained model."""
 from nct_openmm.cli import CommandError
-from nct_openmm.enhanced import SlowModeMetadynamicsSettings, runSlowModeMetadynamics
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import BUILTIN_SYSTEMS, builtinSystem, getPlatform, userSystem
 
@@ -40,6 +39,9 @@ def add_parser(subparsers):
 
 
 def run(args):
+    # Imported here: it loads openmm-torch, and a broken openmm-torch install must not take down the other commands.
+    from nct_openmm.enhanced import SlowModeMetadynamicsSettings, runSlowModeMetadynamics
+
     getPlatform(args.platform)  # fail on a bad platform before anything slow
     if not 1 <= args.modes <= 3:
         raise CommandError(f"--modes must be 1, 2 or 3, got {args.modes}")
