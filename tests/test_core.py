@@ -382,6 +382,30 @@ def test_a_checkpoint_of_other_data_is_refused_at_resume(tmp_path):
     assert open(checkpoint, "rb").read() == saved  # nothing overwritten
 
 
+def test_a_non_finite_loss_leaves_the_best_weights_in_the_model():
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+    values = iter([3.0, 2.0, 2.5])
+
+    def loss_fn(generator, step):
+        loss = (model.prior.log_omega ** 2).sum()
+        return loss * float("nan") if step == 3 else loss
+
+    trainer = training.Trainer(model, loss_fn, lambda: next(values), eval_every=1, progress=False)
+    best = []
+    original = trainer._evaluate
+
+    def evaluate(*args, **kwargs):
+        original(*args, **kwargs)
+        if trainer.history.val_loss[-1] == trainer.history.best_val_loss:
+            best.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    trainer._evaluate = evaluate
+    with pytest.raises(FloatingPointError, match="at step 3.*best weights so far, from step 2"):
+        trainer.fit(10)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, best[-1][name]), name
+
+
 def test_variational_checkpoint_resumes_to_identical_numbers(tmp_path):
     def hamiltonian(q, p):
         return 0.5 * (p ** 2).sum(-1) + 0.5 * (q ** 2 * torch.tensor([0.25, 4.0])).sum(-1)

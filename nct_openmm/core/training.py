@@ -320,6 +320,24 @@ class Trainer:
         start = time.perf_counter() - (self.history.elapsed[-1] if self.history.elapsed else 0.0)
         bar = _progress_bar(max_steps, self.step_count, self.description, self.progress)
         self.model.train()
+        try:
+            self._run_steps(max_steps, bar, start)
+        except FloatingPointError as error:
+            raise self._with_best_weights(error) from None
+        finally:
+            bar.close()
+        if self.checkpoint:
+            self.save_checkpoint()
+        if self._running:
+            # Outside the schedule and after the last checkpoint, so a resumed run matches an uninterrupted one.
+            self._evaluate(self._mean_loss(self._running), time.perf_counter() - start, schedule=False)
+        self.history.stopped = self.history.stopped or "max_steps"
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        self.model.eval()
+        return self.history
+
+    def _run_steps(self, max_steps: int, bar, start: float) -> None:
         step = self._captured_step() if self.cuda_graph else self._eager_step
         while self.step_count < max_steps and not self.history.stopped:
             self._running.append(step())
@@ -332,17 +350,14 @@ class Trainer:
                                 lr=f"{self.history.lr[-1]:.2g}")
             if self.checkpoint and self.checkpoint_every and self.step_count % self.checkpoint_every == 0:
                 self.save_checkpoint()
-        bar.close()
-        if self.checkpoint:
-            self.save_checkpoint()
-        if self._running:
-            # Outside the schedule and after the last checkpoint, so a resumed run matches an uninterrupted one.
-            self._evaluate(self._mean_loss(self._running), time.perf_counter() - start, schedule=False)
-        self.history.stopped = self.history.stopped or "max_steps"
-        if self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
-        self.model.eval()
-        return self.history
+
+    def _with_best_weights(self, error: FloatingPointError) -> FloatingPointError:
+        """A non-finite loss ends training; the model gets the best weights so far, and the message says so."""
+        if self._best_state is None:
+            return error
+        self.model.load_state_dict(self._best_state)
+        best_step = self.history.step[self.history.val_loss.index(self.history.best_val_loss)]
+        return FloatingPointError(f"{error}; the model holds the best weights so far, from step {best_step}")
 
     def _eager_step(self) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
