@@ -127,3 +127,13 @@ def test_the_command_line_parser_does_not_load_openmm_torch():
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = dict(os.environ, PYTHONPATH=repository)
     assert subprocess.run([sys.executable, "-c", code], cwd=repository, env=environment).returncode == 0
+
+
+def test_metad_takes_the_system_options_of_sample(ala2_model, tmp_path, capsys):
+    """A model trained on an implicit-solvent or force-field run is biased in the same Hamiltonian: nct metad
+    builds its System with nct sample's options (they used to differ, and --forcefield was ignored there)."""
+    base = ["metad", "--model", ala2_model.path, "--ns", "0.001", "--out", str(tmp_path / "run")]
+    assert main(base + ["--system", "ala2-vacuum", "--implicit-solvent", "OBC2"]) == 2
+    assert "--implicit-solvent cannot be combined with --system" in capsys.readouterr().err
+    assert main(base + ["--system", "ala2-vacuum", "--forcefield", "amber14-all.xml"]) == 2
+    assert "--forcefield cannot be combined with --system" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``nct metad``: well-tempered metadynamics on the slow modes of a trained model."""
 from nct_openmm.cli import CommandError
+from nct_openmm.cli.systemargs import addSystemArguments, molecularSystem
 from nct_openmm.slowmodes import SlowModeModel
-from nct_openmm.systems import BUILTIN_SYSTEMS, builtinSystem, getPlatform, userSystem
+from nct_openmm.systems import getPlatform
 
 
 def add_parser(subparsers):
@@ -11,10 +12,7 @@ def add_parser(subparsers):
                     "and write the CV time series, the bias, the free energy in mode space, a trajectory, "
                     "reweighting factors and OUT/summary.json (ns, ns_per_day, phi_transitions, delta_f).")
     parser.add_argument("--model", required=True, help="model file from 'nct train'")
-    parser.add_argument("--system", help=f"a built-in system: {', '.join(BUILTIN_SYSTEMS)}")
-    parser.add_argument("--pdb", help="a PDB file (with --forcefield, or coordinates for --prmtop)")
-    parser.add_argument("--forcefield", nargs="+", help="force-field XML files for --pdb")
-    parser.add_argument("--prmtop", help="an Amber topology (coordinates from --pdb)")
+    addSystemArguments(parser)
     parser.add_argument("--modes", type=int, default=2, help="slow modes to bias, 1-3 (default: 2)")
     parser.add_argument("--ns", type=float, required=True, help="simulated time in ns")
     parser.add_argument("--out", required=True, help="output folder")
@@ -51,27 +49,15 @@ def run(args):
     if args.naive and args.student:
         raise CommandError("--naive runs the plain comparison with the flow; it takes no --student")
     model = SlowModeModel.load(args.model)
-    molecularSystem = _molecularSystem(args)
+    molecule = molecularSystem(args)
     settings = SlowModeMetadynamicsSettings(modes=args.modes, biasFactor=args.bias_factor, height=args.height,
                                             width=args.width, frequency=args.frequency, naive=args.naive,
                                             student=args.student, studentSteps=args.student_steps,
                                             biasStride=args.bias_stride)
-    summary = runSlowModeMetadynamics(model, molecularSystem, args.out, args.ns, args.temperature, settings,
+    summary = runSlowModeMetadynamics(model, molecule, args.out, args.ns, args.temperature, settings,
                                       args.platform, args.seed, progress=not args.no_progress)
     print(f"{summary['ns']:g} ns of metadynamics on {args.modes} slow modes at {summary['ns_per_day']:.1f} ns/day "
           f"({summary['platform']}): {summary['phi_transitions']} phi transitions, "
           f"dF(phi>0 - phi<0) = {summary['delta_f']:.2f} +- {summary['delta_f_error']:.2f} kJ/mol; "
           f"outputs in {args.out}")
     return 0
-
-
-def _molecularSystem(args):
-    if args.system:
-        if args.pdb or args.prmtop:
-            raise CommandError("--system cannot be combined with --pdb or --prmtop")
-        return builtinSystem(args.system)
-    if args.prmtop:
-        return userSystem(prmtop=args.prmtop, pdb=args.pdb)
-    if args.pdb:
-        return userSystem(pdb=args.pdb, forcefield=args.forcefield)
-    raise CommandError("give --system, --pdb or --prmtop")

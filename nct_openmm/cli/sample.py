@@ -12,9 +12,9 @@ Examples
 """
 import openmm.unit as unit
 
-from nct_openmm.cli import CommandError
+from nct_openmm.cli.systemargs import addSystemArguments, molecularSystem
 from nct_openmm.simulate import DihedralMetadynamics, runLangevin
-from nct_openmm.systems import BUILTIN_SYSTEMS, IMPLICIT_SOLVENT_FILES, builtinSystem, getPlatform, userSystem
+from nct_openmm.systems import getPlatform
 
 
 def add_parser(subparsers):
@@ -24,14 +24,7 @@ def add_parser(subparsers):
         help="run plain Langevin dynamics and save a trajectory for training",
         description="Run Langevin dynamics (LangevinMiddleIntegrator) and write OUT/traj.dcd and OUT/top.pdb.",
     )
-    parser.add_argument("--system", help=f"a built-in system: {', '.join(BUILTIN_SYSTEMS)}")
-    parser.add_argument("--pdb", help="a PDB file with hydrogens (only coordinates when given with --prmtop)")
-    parser.add_argument("--prmtop", help="an Amber topology file (coordinates from --inpcrd or --pdb)")
-    parser.add_argument("--forcefield", nargs="+", help="force-field XML files for --pdb (default: amber14 + TIP3P-FB)")
-    parser.add_argument("--inpcrd", help="Amber coordinates for --prmtop")
-    parser.add_argument(
-        "--implicit-solvent", choices=sorted(IMPLICIT_SOLVENT_FILES), help="implicit solvent for --pdb or --prmtop"
-    )
+    addSystemArguments(parser)
     parser.add_argument("--ns", type=float, required=True, help="length of the run in ns")
     parser.add_argument("--out", required=True, help="output folder (created if missing; its traj.dcd is replaced)")
     parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K (default: 300)")
@@ -56,9 +49,9 @@ def run(args):
     """Build the system named by ``args``, run the dynamics and print one line saying what was written."""
     # Checked before building the system, which can take seconds.
     platform = getPlatform(args.platform)
-    molecularSystem = _molecularSystem(args)
+    molecule = molecularSystem(args)
     result = runLangevin(
-        molecularSystem,
+        molecule,
         args.out,
         args.ns,
         temperature=args.temperature * unit.kelvin,
@@ -76,31 +69,7 @@ def run(args):
     if result.weights:
         print(f"wrote reweighting factors to {result.weights}")
     print(
-        f"wrote {result.nFrames} frames ({result.ns:g} ns of {molecularSystem.name}, {molecularSystem.nAtoms} atoms) "
+        f"wrote {result.nFrames} frames ({result.ns:g} ns of {molecule.name}, {molecule.nAtoms} atoms) "
         f"to {result.trajectory} with topology {result.topology}; {result.nsPerDay:.1f} ns/day on {result.platform}"
     )
     return 0
-
-
-def _molecularSystem(args):
-    if args.system is None:
-        if args.pdb is None and args.prmtop is None:
-            raise CommandError("give --system, --pdb or --prmtop")
-        return userSystem(
-            pdb=args.pdb,
-            forcefield=args.forcefield,
-            prmtop=args.prmtop,
-            inpcrd=args.inpcrd,
-            implicitSolvent=args.implicit_solvent,
-        )
-    fileOptions = {
-        "--pdb": args.pdb,
-        "--prmtop": args.prmtop,
-        "--forcefield": args.forcefield,
-        "--inpcrd": args.inpcrd,
-        "--implicit-solvent": args.implicit_solvent,
-    }
-    conflicting = [flag for flag, value in fileOptions.items() if value is not None]
-    if conflicting:
-        raise CommandError(f"{', '.join(conflicting)} cannot be combined with --system")
-    return builtinSystem(args.system)
