@@ -13,7 +13,8 @@ import mdtraj
 import numpy as np
 
 #: Residue names treated as ions (never part of the default selection).
-ION_RESIDUES = {"NA", "CL", "K", "MG", "CA", "ZN", "LI", "RB", "CS", "F", "BR", "I", "Na+", "Cl-", "K+", "NA+", "CL-"}
+ION_RESIDUES = {"NA", "CL", "K", "MG", "CA", "ZN", "LI", "RB", "CS", "F", "BR", "I", "Na+", "Cl-", "K+", "NA+", "CL-",
+                "SOD", "CLA", "POT", "CAL", "CES", "LIT", "ZN2", "MG2"}  # the second line: CHARMM names
 
 #: Boltzmann's constant in kJ/(mol K).
 BOLTZMANN = 0.0083144626181532

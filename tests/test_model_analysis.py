@@ -222,6 +222,12 @@ def test_analyze_without_a_backbone_reports_the_spectrum_only(ala2, tmp_path, ca
     assert report["n_frames"] == 100 and report["analysed_trajectory_in_training"] is False
 
 
+def test_analyze_checks_its_output_folder_before_the_analysis(ala2, tmp_path, capsys):
+    missing = tmp_path / "missing" / "report.json"
+    assert main(["analyze", ala2.model_path, "--traj", ala2.traj, "--top", ala2.top, "--json", str(missing)]) == 2
+    assert "the folder of --json does not exist" in capsys.readouterr().err
+
+
 def test_analyze_rejects_a_topology_of_another_system(ala2, tmp_path, capsys):
     heavy = mdtraj.load(ala2.top).atom_slice(ala2.model.atom_indices)
     heavy.save(str(tmp_path / "heavy.pdb"))

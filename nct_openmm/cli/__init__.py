@@ -5,6 +5,7 @@ subcommand and sets ``func`` (called with the parsed arguments, returning an exi
 """
 import argparse
 import importlib
+import os
 import pickle
 import sys
 
@@ -16,6 +17,13 @@ SUBCOMMANDS = ("sample", "train", "info", "analyze", "export", "metad")
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, without a traceback."""
+
+
+def checkOutputFolder(path, option):
+    """Fail now, not after the work, when the folder ``path`` is to be written into does not exist."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CommandError(f"the folder of {option} does not exist: {folder}")
 
 
 def build_parser():

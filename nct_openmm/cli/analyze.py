@@ -16,7 +16,7 @@ import numpy as np
 from nct_openmm.analysis import (backbone_dihedrals, dihedral_information, interpolate, plot_mutual_information,
                                  plot_ramachandran, plot_spectrum, spectrum_report, write_positions_as_trajectory)
 from nct_openmm.analysis.dihedrals import LOWER_CORE, UPPER_CORE
-from nct_openmm.cli import CommandError
+from nct_openmm.cli import CommandError, checkOutputFolder
 from nct_openmm.data import load_topology, load_trajectories, local_bonds
 from nct_openmm.slowmodes import SlowModeModel
 
@@ -52,6 +52,8 @@ def run(args):
     """Analyse, print a table, write the requested files; returns the exit code."""
     if args.stride < 1 or args.modes < 1:
         raise CommandError("--stride and --modes must be positive")
+    if args.json:
+        checkOutputFolder(args.json, "--json")
     model = SlowModeModel.load(args.model)
     data = load_model_data(model, args.traj, args.top, args.stride, args.weights)
     if data.n_frames < 10:

@@ -4,9 +4,7 @@ Examples
 --------
 ``nct train --traj run1.dcd run2.dcd --top top.pdb --temperature 300 --out model.pt``
 """
-import os
-
-from nct_openmm.cli import CommandError
+from nct_openmm.cli import CommandError, checkOutputFolder
 from nct_openmm.data import load_trajectories
 from nct_openmm.slowmodes import NCT
 
@@ -48,9 +46,7 @@ def run(args):
     for name in ("batch_size", "epochs"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    out_folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_folder):  # checked now, not after the training
-        raise CommandError(f"the folder of --out does not exist: {out_folder}")
+    checkOutputFolder(args.out, "--out")
     data = load_trajectories(args.traj, args.top, selection=args.select, stride=args.stride,
                              max_frames=args.max_frames, weights=args.weights)
     train, validation = data.split_by_trajectory(args.validation, args.seed)
