@@ -86,7 +86,9 @@ class TrajectoryData:
     def split_by_trajectory(self, validation_fraction: float = 0.2, seed: int = 0):
         """(train, validation): whole trajectories held out when several are given (as in the paper), else the
         last ``validation_fraction`` of the single trajectory (a contiguous block, so that correlated neighbouring
-        frames do not leak into the validation set)."""
+        frames do not leak into the validation set). ``validation_fraction`` lies strictly between 0 and 1."""
+        if not 0.0 < validation_fraction < 1.0:
+            raise ValueError(f"the validation fraction must lie strictly between 0 and 1, got {validation_fraction}")
         ids = np.unique(self.trajectory_ids)
         if len(ids) > 1:
             rng = np.random.default_rng(seed)
