@@ -309,6 +309,35 @@ def test_a_periodic_system_without_box_vectors_for_the_cv_gets_a_warning(ala2):
 # Restart and platforms
 # ---------------------------------------------------------------------------------------------------------------
 
+def test_a_run_restarted_from_a_bias_and_a_state_of_the_same_step_continues_the_uninterrupted_one(ala2, tmp_path):
+    """Save the bias and the Context's State at one step, rebuild everything, load both: the next hills and the
+    trajectory are those of the run that never stopped (Verlet on Reference is deterministic)."""
+    def run(steps):
+        system = freshSystem(ala2)
+        meta = makeMeta(system)
+        simulation = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
+        meta.step(simulation, steps)
+        return system, meta, simulation
+
+    _, uninterrupted, simulation = run(40)
+    _, first, firstSimulation = run(20)
+    first.saveBias(str(tmp_path / "bias.npz"))
+    state = firstSimulation.context.getState(getPositions=True, getVelocities=True, getParameters=True)
+    system = freshSystem(ala2)
+    restarted = makeMeta(system)
+    restarted.loadBias(str(tmp_path / "bias.npz"))
+    resumed = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
+    resumed.context.setState(state)
+    resumed.currentStep = firstSimulation.currentStep
+    restarted.step(resumed, 20)
+    np.testing.assert_allclose(restarted.getHills()[0], uninterrupted.getHills()[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(restarted.getHills()[1].value_in_unit(unit.kilojoule_per_mole),
+                               uninterrupted.getHills()[1].value_in_unit(unit.kilojoule_per_mole), rtol=1e-9)
+    positions = [s.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+                 for s in (resumed, simulation)]
+    np.testing.assert_allclose(positions[0], positions[1], rtol=0, atol=1e-9)
+
+
 def test_save_and_load_restart_with_an_identical_bias(ala2, tmp_path):
     system = freshSystem(ala2)
     meta = makeMeta(system, biasDir=str(tmp_path / "bias"), saveFrequency=20)
