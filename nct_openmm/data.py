@@ -133,10 +133,45 @@ def atom_masses(topology: "mdtraj.Topology", atom_indices: Sequence[int]) -> np.
     return masses
 
 
+#: Selected atoms joined through unselected ones by a path of at most this many bonds count as linked when
+#: molecules are made whole: consecutive Cα atoms (Cα–C–N–Cα, about 0.38 nm apart) are, two ends of a chain are not
+#: (a long link could exceed half a box, where the minimum image is no longer the bonded one).
+MAX_LINK_BONDS = 3
+
+
 def local_bonds(topology: "mdtraj.Topology", atom_indices: Sequence[int]) -> List[tuple]:
-    """Bonds among the selected atoms as pairs of positions in ``atom_indices`` (used to unwrap molecules)."""
+    """Links among the selected atoms as pairs of positions in ``atom_indices`` (used to unwrap molecules): their
+    bonds, then paths of at most :data:`MAX_LINK_BONDS` bonds through unselected atoms, so that a selection such as
+    the Cα atoms of a chain stays one piece.
+
+    Examples
+    --------
+    >>> import mdtraj
+    >>> chain = mdtraj.Topology()
+    >>> residue = chain.add_residue("MOL", chain.add_chain())
+    >>> atoms = [chain.add_atom(f"C{i}", mdtraj.element.carbon, residue) for i in range(5)]
+    >>> for a, b in zip(atoms, atoms[1:]):
+    ...     chain.add_bond(a, b)
+    >>> local_bonds(chain, [0, 3, 4])  # C0 and C3 are linked through C1 and C2
+    [(1, 2), (0, 1)]
+    """
     local = {atom: i for i, atom in enumerate(atom_indices)}
     bonds = [(local[a.index], local[b.index]) for a, b in topology.bonds if a.index in local and b.index in local]
+    neighbours = {}
+    for a, b in topology.bonds:
+        neighbours.setdefault(a.index, []).append(b.index)
+        neighbours.setdefault(b.index, []).append(a.index)
+    linked = {frozenset(bond) for bond in bonds}
+    for atom, i in local.items():
+        frontier, seen = [atom], {atom}
+        for _ in range(MAX_LINK_BONDS):
+            reached = [other for current in frontier for other in neighbours.get(current, ()) if other not in seen]
+            seen.update(reached)
+            for other in reached:
+                if other in local and frozenset((i, local[other])) not in linked:
+                    linked.add(frozenset((i, local[other])))
+                    bonds.append((i, local[other]))
+            frontier = [other for other in reached if other not in local]  # paths go through unselected atoms only
     return bonds
 
 

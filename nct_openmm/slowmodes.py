@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .core import FlowConfig, NCTModel, fit_likelihood, model_from_data
 from .core.serialization import load_payload, rebuilt, save_payload
-from .data import BOLTZMANN, TrajectoryData, thermal_energy
+from .data import BOLTZMANN, MAX_LINK_BONDS, TrajectoryData, thermal_energy
 from .geometry import InternalFrame, breadth_first_order, kabsch_align, spanning_tree, unwrap
 
 
@@ -202,9 +202,10 @@ class NCT:
         positions = data.positions
         pieces = sum(parent < 0 for parent in parents)
         if data.boxes is not None and pieces > 1:
-            raise ValueError(f"the selected atoms form {pieces} pieces not bonded to each other, which cannot be "
-                             "made whole across periodic boundaries (the CV would jump whenever the box splits "
-                             "them); select atoms bonded to each other, e.g. 'backbone' rather than 'name CA'")
+            raise ValueError(f"the selected atoms form {pieces} pieces not bonded to each other (nor through at "
+                             f"most {MAX_LINK_BONDS} bonds of unselected atoms), which cannot be made whole across "
+                             "periodic boundaries: the CV would jump whenever the box splits them; select atoms "
+                             "that are linked, e.g. all Cα atoms of a chain rather than two far apart")
         if data.boxes is not None:
             # Molecules broken across the periodic boundary would otherwise be averaged into a distorted reference.
             positions = unwrap(torch.as_tensor(positions, dtype=torch.float64),

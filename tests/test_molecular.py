@@ -330,13 +330,21 @@ def test_the_reference_structure_does_not_depend_on_broken_molecules(ala2_data):
     np.testing.assert_allclose((v @ v.T).numpy(), (u @ u.T).numpy(), atol=1e-9)
 
 
-def test_unbonded_pieces_under_periodic_boundaries_are_refused(ala2_run, ala2_data):
-    """Atoms not bonded to each other cannot be made whole across the box; without a box they are fine."""
-    scattered = load_trajectories(ala2_run.trajectory, ala2_run.topology, selection="name CA or name O", stop=50)
-    tiny_estimator().make_frame(scattered)
-    scattered.boxes = np.tile(3.0 * np.eye(3), (scattered.n_frames, 1, 1))
-    with pytest.raises(ValueError, match="form .* pieces not bonded to each other"):
-        tiny_estimator().make_frame(scattered)
+def test_selections_linked_through_unselected_atoms_are_made_whole_and_far_pieces_refused(ala2_run):
+    """Cα and O atoms are linked through the backbone atoms between them, so a box vector added to one of them
+    changes nothing; the two terminal groups (four bonds apart) cannot be made whole across the box."""
+    backbone = load_trajectories(ala2_run.trajectory, ala2_run.topology, selection="name CA or name O", stop=50)
+    backbone.boxes = np.tile(3.0 * np.eye(3), (backbone.n_frames, 1, 1))
+    frame = tiny_estimator().make_frame(backbone)
+    x, box = torch.as_tensor(backbone.positions), torch.as_tensor(backbone.boxes)
+    moved = x.clone()
+    moved[:, 1] += box[:, 0]
+    np.testing.assert_allclose(frame.internal(moved, box).numpy(), frame.internal(x, box).numpy(), atol=1e-9)
+    ends = load_trajectories(ala2_run.trajectory, ala2_run.topology, selection="index 1 4 16 18", stop=50)
+    tiny_estimator().make_frame(ends)  # without a box, pieces are fine
+    ends.boxes = np.tile(3.0 * np.eye(3), (ends.n_frames, 1, 1))
+    with pytest.raises(ValueError, match="form 2 pieces not bonded to each other"):
+        tiny_estimator().make_frame(ends)
 
 
 def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
