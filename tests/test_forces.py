@@ -325,12 +325,17 @@ def test_periodic_bias_force_receives_box(cvModule, positions):
         LatentBiasForce(cvModule, prefix="other_").addToSystem(system)
 
 
-def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):
+def restrainedSimulation(cvModule, positions):
+    """A bias with a restraint of 200 kJ/mol on mode 0 and a Reference simulation of it, for steering."""
     system = makeSystem()
     bias = LatentBiasForce(cvModule)
     bias.addRestraint(0, center=0.0, forceConstant=200.0)
     bias.addToSystem(system)
-    simulation = referenceSimulation(system, positions, friction=5.0)
+    return bias, referenceSimulation(system, positions, friction=5.0)
+
+
+def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):
+    bias, simulation = restrainedSimulation(cvModule, positions)
     start = modeValues(cvModule, positions)[0]
     end = start - 0.6 * np.sign(start)  # towards 0, away from the stand-in's saturation at ±3
     result = bias.steer(simulation, 0, start, end, steps=300, increments=30)
@@ -357,11 +362,7 @@ def test_steering_moves_centre_and_returns_work_profile(cvModule, positions):
 
 
 def test_a_failed_steering_segment_keeps_the_work_done_before(cvModule, positions):
-    system = makeSystem()
-    bias = LatentBiasForce(cvModule)
-    bias.addRestraint(0, center=0.0, forceConstant=200.0)
-    bias.addToSystem(system)
-    simulation = referenceSimulation(system, positions, friction=5.0)
+    bias, simulation = restrainedSimulation(cvModule, positions)
 
     class FailingReporter:
         def describeNextReport(self, simulation):
