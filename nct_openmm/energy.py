@@ -26,8 +26,9 @@ Constraints are checked, not guessed: the openmmtools alanine dipeptide has 21 `
 constraints and 9 with ``HBonds`` (its 12 X–H bonds then exist only as constraints).
 
 Gradient. :func:`fit_variational_openmm` trains with the path-derivative estimator
-(:func:`~nct_openmm.core.training.path_gradient_objective`) by default: unbiased like the plain reparameterisation gradient of :func:`~nct_openmm.core.fit_variational`, but with
-a variance that vanishes at the optimum, which is what lets the frequencies converge instead of jittering.
+(:func:`~nct_openmm.core.training.path_gradient_objective`) by default: unbiased like the plain reparameterisation
+gradient of :func:`~nct_openmm.core.fit_variational`, but with a variance that vanishes at the optimum, which is what
+lets the frequencies converge instead of jittering.
 
 Cost. One sample is one ``setPositions`` plus one ``getState(getEnergy=True, getForces=True)``; the forces are kept
 for the backward pass, so a training step costs ``batch_size`` such calls and no more. Measured on alanine dipeptide

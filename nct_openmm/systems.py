@@ -207,7 +207,8 @@ def platformProperties(platform, precision=None, threads=None):
     if name in _GPU_PLATFORMS:
         properties["Precision"] = precision or "mixed"
     elif precision is not None:
-        raise ValueError(f"the {name} platform has no Precision property; choose a GPU platform (CUDA, OpenCL, HIP) for {precision!r}")
+        raise ValueError(f"the {name} platform has no Precision property; choose a GPU platform (CUDA, OpenCL, HIP) "
+                         f"for {precision!r}")
     if name == "CPU" and threads is not None:
         properties["Threads"] = str(_positiveInt(threads, "threads"))
     return properties
