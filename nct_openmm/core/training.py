@@ -514,10 +514,13 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
             norm += float(wb.sum())
         return total / norm
 
-    fingerprint = {"method": "likelihood", "config": repr(model.config), "train": _digest(q),
-                   "weights": _digest(weights), "validation": _digest(q_val),
-                   "validation_weights": _digest(weights_val), "masses": _digest(torch.as_tensor(masses)),
-                   "kT": float(kT), "batch_size": int(batch_size)}
+    fingerprint = None
+    if checkpoint:  # hashing copies the data to the host: only worth it when a checkpoint is to be matched
+        train = _digest(q)
+        fingerprint = {"method": "likelihood", "config": repr(model.config), "train": train,
+                       "weights": _digest(weights), "validation": train if q_val is q else _digest(q_val),
+                       "validation_weights": _digest(weights_val), "masses": _digest(torch.as_tensor(masses)),
+                       "kT": float(kT), "batch_size": int(batch_size)}
     trainer = Trainer(model, loss_fn, evaluate_fn, lr=lr, eval_every=eval_every or max(1, len(q) // batch_size),
                       patience=patience, seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                       progress=progress, description="max. likelihood", extra_state=order, fingerprint=fingerprint,
