@@ -34,12 +34,11 @@ Examples
 True
 """
 import math
-import numbers
 
 import openmm
 from openmm import unit
 
-from nct_openmm.systems import NUM_FORCE_GROUPS, usedForceGroups, valueInUnit
+from nct_openmm.systems import NUM_FORCE_GROUPS, isInteger, usedForceGroups, valueInUnit
 
 __all__ = ["MTSLangevinMiddleIntegrator", "mtsLangevinIntegrator", "biasGroups"]
 
@@ -139,10 +138,6 @@ def _nonNegative(value, name):
     return value
 
 
-def _isInteger(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _validatedGroups(groups):
     """``groups`` as ``(group, substeps)`` integer pairs, slowest first; a clear error for anything else."""
     try:
@@ -152,7 +147,7 @@ def _validatedGroups(groups):
     if not pairs:
         raise ValueError("groups is empty: give at least one (force group, substeps) pair")
     for pair in pairs:
-        if (len(pair) != 2 or not all(_isInteger(value) for value in pair) or not 0 <= pair[0] < NUM_FORCE_GROUPS
+        if (len(pair) != 2 or not all(isInteger(value) for value in pair) or not 0 <= pair[0] < NUM_FORCE_GROUPS
                 or pair[1] < 1):
             raise ValueError(f"{pair!r} is not a (force group 0-{NUM_FORCE_GROUPS - 1}, substeps >= 1) "
                              "pair of integers")

@@ -61,9 +61,14 @@ def valueInUnit(value, targetUnit):
 NUM_FORCE_GROUPS = 32
 
 
+def isInteger(value):
+    """Whether ``value`` is an integer (Python's or numpy's), not a bool and not a float that happens to be whole."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def checkForceGroup(group):
     """``group`` as an int, or a ValueError naming the allowed range."""
-    if not isinstance(group, numbers.Integral) or isinstance(group, bool) or not 0 <= group < NUM_FORCE_GROUPS:
+    if not isInteger(group) or not 0 <= group < NUM_FORCE_GROUPS:
         raise ValueError(f"forceGroup must be an integer from 0 to {NUM_FORCE_GROUPS - 1}, got {group!r}")
     return int(group)
 
