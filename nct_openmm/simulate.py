@@ -135,7 +135,7 @@ def runLangevin(
     """
     stepsPerFrame, nSteps = _stepCounts(ns, timestep, reportInterval)
     _openmmSeed(seed)  # bad seeds and platforms are refused before anything is built
-    getPlatform(platform)
+    platform = getPlatform(platform)
     temperatureK = valueInUnit(temperature, unit.kelvin)
 
     system = molecularSystem.system
