@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -65,7 +64,7 @@ from torch import nn
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
-from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, fit_variational, flow_optimizer,  # noqa: E402
+from nct_openmm.core import (AffineCoupling, FlowConfig, NCTModel, flow_optimizer,  # noqa: E402
                              model_from_data, negative_log_likelihood, variational_loss)
 from nct_openmm.core.training import CapturedStep, CompiledLoss  # noqa: E402
 from nct_openmm.data import thermal_energy  # noqa: E402
@@ -134,8 +133,8 @@ def _parseArguments(argv):
                         help="steps between evaluations in the time-to-loss runs (default 50)")
     parser.add_argument("--chain-steps", type=int, default=400,
                         help="variational steps of each model on the harmonic chain (default 400)")
-    parser.add_argument("--chain-eval-every", type=int, default=25,
-                        help="steps between evaluations on the harmonic chain (default 25)")
+    parser.add_argument("--chain-eval-every", type=int, default=10,
+                        help="steps between evaluations on the harmonic chain (default 10)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out ours+compile (its first step compiles for ~50 s; --quick leaves it out too)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -551,7 +550,7 @@ def _loadHarmonicChain():
         spec = importlib.util.spec_from_file_location("harmonic_chain_example", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.hamiltonian, module.exact_free_energy  # noqa: B018 (the two functions this benchmark uses)
+        module.hamiltonian, module.exact_free_energy, module.parse_args  # noqa: B018 (what this benchmark uses)
         return module, None
     except (OSError, ImportError, AttributeError) as error:
         return None, f"{type(error).__name__}: {error}"
@@ -567,7 +566,7 @@ def measureChain(options):
     - ``reference+our-optimiser``: the same with our optimiser settings, so that they are not what makes the
       difference;
     - ``ours``: as the example trains: whitened prior draws and :func:`~nct_openmm.core.fit_variational`'s
-      optimiser (its default rate, ω at ten times it).
+      optimiser at the example's rate (its ``--lr`` and ``--omega-lr-factor`` defaults).
 
     Each reference variant's final value is a target; the speed-up is the time that reference variant took to first
     reach its final value over the time ours took to reach it.
@@ -583,14 +582,15 @@ def measureChain(options):
     ours = NCTModel(config, frequencies=frequencies)
     reference, tuned = referenceFrom(ours).to(device), referenceFrom(ours).to(device)
     ours = ours.to(device)
-    lr = inspect.signature(fit_variational).parameters["lr"].default
+    trained = chain.parse_args([])  # the example's own training settings
+    lr, omegaFactor = trained.lr, trained.omega_lr_factor
     learners = [Learner("reference", reference.train(), lambda g: reference.variational(hamiltonian, BATCH, g),
                         options.seed, flushDenormals=False),
                 Learner("reference+our-optimiser", tuned.train(),
                         lambda g: tuned.variational(hamiltonian, BATCH, g), options.seed, flushDenormals=False,
-                        optimizer=flow_optimizer(tuned, lr)),
+                        optimizer=flow_optimizer(tuned, lr, omegaFactor)),
                 Learner("ours", ours.train(), lambda g: variational_loss(ours, hamiltonian, BATCH, 1.0, g, whiten=True),
-                        options.seed, flushDenormals=True, optimizer=flow_optimizer(ours, lr))]
+                        options.seed, flushDenormals=True, optimizer=flow_optimizer(ours, lr, omegaFactor))]
     # No ours+graph here: the linear point layer's matrix exponential cannot be captured (Trainer refuses it).
 
     def evaluate(learner):
