@@ -24,6 +24,8 @@ Variants, all on the same system and platform, built once and timed in turns ins
   ``nct`` / ``nct-mts8`` with a small network distilled from the flow (:func:`nct_openmm.export.student_module`,
   2 hidden layers of 128) as the CV. Distilled here with few steps (``--student-steps``): its cost per evaluation
   does not depend on how well it is fitted;
+- ``dstudent`` / ``dstudent-mts4`` / ``dstudent-mts8`` (not run by default): the same with a student that reads
+  interatomic distances (``student_module(..., features="distances")``), so the CV needs no alignment;
 - ``floor`` / ``floor-mts8`` (not run by default): a ``TorchForce`` whose model is one small sum of squares of the
   CV atoms' positions, every step / every 8th step: the cost of openmm-torch itself, a floor that no CV model
   evaluated through a ``TorchForce`` can beat.
@@ -83,10 +85,13 @@ MODES = 2
 RANGE, WIDTH, BIAS_FACTOR, HEIGHT = (-4.0, 4.0), 0.3, 6.0, 1.0
 HILL_PS = 1.0
 VARIANTS = ("plain", "plain-mts", "naive", "nct", "nct-mts4", "nct-mts8", "nct-float64", "student", "student-mts8",
-            "floor", "floor-mts8", "student-mts16", "nct-mts8-symmetric", "student-mts8-symmetric", "student-mts4")
+            "floor", "floor-mts8", "student-mts16", "nct-mts8-symmetric", "student-mts8-symmetric", "student-mts4",
+            "dstudent", "dstudent-mts4", "dstudent-mts8")
 DEFAULT_VARIANTS = VARIANTS[:9]
 MTS_STRIDES = {"nct-mts4": 4, "nct-mts8": 8, "student-mts8": 8, "floor-mts8": 8, "student-mts16": 16,
-               "nct-mts8-symmetric": 8, "student-mts8-symmetric": 8, "student-mts4": 4}
+               "nct-mts8-symmetric": 8, "student-mts8-symmetric": 8, "student-mts4": 4, "dstudent-mts4": 4,
+               "dstudent-mts8": 8}
+STUDENT_INPUTS = {"student": "internal", "dstudent": "distances"}  # student_module's features of each kind
 
 
 def main(argv=None):
@@ -260,13 +265,13 @@ def buildVariants(model, systemName, platform, options, names):
                                               cudaGraphs=cudaGraphs)
             advance = _BoundStepper(app.Metadynamics(system, variables, TEMPERATURE * unit.kelvin, BIAS_FACTOR,
                                                      HEIGHT * unit.kilojoule_per_mole, _hillFrequency(1)))
-        elif name.startswith(("nct", "student")):
+        elif name.startswith(("nct", "student", "dstudent")):
             dtype = torch.float64 if name == "nct-float64" else torch.float32
-            key = "student" if name.startswith("student") else dtype
+            key = name.split("-")[0] if "student" in name else dtype
             if key not in modules:
                 modules[key] = (student_module(model, MODES, steps=options.student_steps, samples=8192,
-                                               progress=False)[0]
-                                if key == "student" else slow_mode_module(model, MODES, dtype))
+                                               progress=False, features=STUDENT_INPUTS[key])[0]
+                                if key in STUDENT_INPUTS else slow_mode_module(model, MODES, dtype))
             meta = LatentMetadynamics(system, modules[key], [RANGE] * MODES, WIDTH, TEMPERATURE * unit.kelvin,
                                       BIAS_FACTOR, HEIGHT * unit.kilojoule_per_mole, _hillFrequency(stride),
                                       gridWidth=_gridNodes(), periodic=periodic, cudaGraphs=cudaGraphs)

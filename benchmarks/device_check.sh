@@ -35,12 +35,12 @@ EOF
 set -o pipefail
 # SHORT=1: the essentials in about three minutes (explicit water only, fewer rounds and training steps).
 if [ -n "${SHORT:-}" ]; then
-    bias_systems="ala2-explicit" bias_variants="plain nct-mts8 student student-mts8 student-mts8-symmetric student-mts16"
+    bias_systems="ala2-explicit" bias_variants="plain nct-mts8 student student-mts8 dstudent dstudent-mts8 student-mts16"
     bias_rounds=2 bias_limit=90
     training_options="--rounds 2 --steps 10 --loss-steps 200 --chain-steps 200" limit=75
 else
     bias_systems="ala2-explicit ala2-implicit"
-    bias_variants="plain plain-mts naive nct nct-mts4 nct-mts8 nct-mts8-symmetric student student-mts8 student-mts16"
+    bias_variants="plain plain-mts naive nct nct-mts4 nct-mts8 nct-mts8-symmetric student student-mts8 student-mts16 dstudent dstudent-mts4 dstudent-mts8"
     bias_rounds=3 bias_limit=180 training_options="--rounds 3 --steps 20" limit=180
 fi
 bias() {  # $1: name, then bias_overhead options

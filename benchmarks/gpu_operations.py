@@ -9,7 +9,7 @@ evaluation (forward and the backward that gives forces) and for its parts.
 
 Usage::
 
-    python benchmarks/gpu_operations.py              # the shipped model's flow CV and a student, 2 modes; ~15 s
+    python benchmarks/gpu_operations.py              # the shipped model's flow CV and two students, 2 modes; ~25 s
     python benchmarks/gpu_operations.py --quick      # a student distilled in a few steps
     python benchmarks/gpu_operations.py --json out.json
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, REPOSITORY)
 
 import nct_openmm.export as export  # noqa: E402
 from nct_openmm.core.distill import fit_student  # noqa: E402
-from nct_openmm.geometry import kabsch_pullback  # noqa: E402
+from nct_openmm.geometry import PairDistances  # noqa: E402
 from nct_openmm.metadynamics import HermiteBiasGrid, _MetadynamicsModuleNoBox  # noqa: E402
 from nct_openmm.slowmodes import SlowModeModel  # noqa: E402
 from nct_openmm.systems import builtinSystem  # noqa: E402
@@ -47,9 +47,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = SlowModeModel.load(MODEL)
-    student, report = fit_student(model.flow, MODES, steps=20 if options.quick else 300,
-                                  samples=1024 if options.quick else 8192, progress=False)
-    cvs = {"student": export.StudentModule(model, student, report.as_dict()),
+    settings = dict(steps=20 if options.quick else 300, samples=1024 if options.quick else 8192, progress=False)
+    cvs = {"student": export.StudentModule(model, fit_student(model.flow, MODES, **settings)[0]),
+           "student-distances": export.StudentModule(model, fit_student(
+               model.flow, MODES, features=PairDistances(model.frame), **settings)[0]),
            "flow": export.SlowModeModule(model, MODES)}
     positions = _positions()
     with cudaAlignment():
@@ -98,7 +99,6 @@ def countParts(cv, positions):
     x = cv.input.selected(positions)
     y, saved = cv.input.transform_saving(x)
     _, jacobian = cv.modes_and_jacobian(y, True)
-    cotangent = (jacobian.t() @ cv.input.in_matrix.t()).reshape(MODES, -1, 3)
     s = torch.full((1, MODES), 0.1, dtype=torch.float64)
     centres = [torch.tensor(0.2, dtype=torch.float64)] * MODES
     hill = torch.tensor(1.0, dtype=torch.float64)
@@ -109,8 +109,8 @@ def countParts(cv, positions):
         return {
             "evaluation": whole,
             "svd_free": "aten::linalg_svd" not in operations and "aten::_linalg_svd" not in operations,
-            "alignment": _count(lambda: cv.input.transform_saving(x))[0],
-            "alignment_pullback": _count(lambda: kabsch_pullback(saved, cotangent, cv.input.rotation_generators))[0],
+            "input": _count(lambda: cv.input.transform_saving(x))[0],
+            "input_pullback": _count(lambda: cv.input.pullback(saved, jacobian.t()))[0],
             "network": _count(lambda: cv.modes_and_jacobian(y, True))[0],
             "grid_lookup": _count(lambda: grid.evaluate(s))[0],
             "hill_update": _count(lambda: grid.addHill(hillId, centres, hill))[0],
@@ -129,11 +129,11 @@ def _count(function):
 
 
 def printTable(rows):
-    parts = ["evaluation", "alignment", "alignment_pullback", "network", "grid_lookup", "hill_update"]
+    parts = ["evaluation", "input", "input_pullback", "network", "grid_lookup", "hill_update"]
     print("kernel-launching aten operations per evaluation, GPU code path (forward + backward; parts outside autograd)")
-    print(f"{'cv':>8} " + " ".join(f"{part:>18}" for part in parts))
+    print(f"{'cv':>17} " + " ".join(f"{part:>14}" for part in parts))
     for row in rows:
-        print(f"{row['cv']:>8} " + " ".join(f"{row[part]:>18}" for part in parts))
+        print(f"{row['cv']:>17} " + " ".join(f"{row[part]:>14}" for part in parts))
     for row in rows:
         print(f"most frequent ({row['cv']}): {row['most_frequent']}")
 

@@ -57,6 +57,7 @@ class SlowModeMetadynamicsSettings:
     torchThreads: int = 1  # libtorch intra-op threads for the CV model (0: leave torch's setting alone)
     student: bool = False  # a distilled network instead of the flow
     studentSteps: int = 6000  # its training steps (about 3 min on one CPU core)
+    studentFeatures: str = "internal"  # what it reads: "internal" or "distances" (no alignment; see student_module)
     biasStride: int = 1  # apply the bias every n-th step (multiple time stepping)
 
 
@@ -136,7 +137,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         raise ValueError("the naive comparison (app.Metadynamics) runs every step; it takes no bias stride")
     studentReport = None
     if settings.student:
-        cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress)
+        cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress,
+                                           features=settings.studentFeatures)
     else:
         cv = slow_mode_module(model, settings.modes)
     system = openmm.XmlSerializer.clone(molecularSystem.system)

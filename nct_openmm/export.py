@@ -21,10 +21,34 @@ from torch import Tensor, nn
 
 from .core.distill import fit_student
 from .core.layers import AffineCoupling, AffinePoint, LinearPoint
-from .geometry import kabsch_align, kabsch_align_saving, kabsch_pullback, rotation_generators, unwrap
+from .geometry import (PairDistances, kabsch_align, kabsch_align_saving, kabsch_pullback, pair_incidence,
+                       rotation_generators, unwrap)
+
+#: What a distilled CV can read (:func:`student_module`'s ``features``).
+STUDENT_FEATURES = ("internal", "distances")
 
 
-class AlignedInput(nn.Module):
+class _SelectedAtoms(nn.Module):
+    """The frame's atoms out of the system's positions, in the exported dtype, made whole across periodic
+    boundaries: the part of every exported CV that runs under autograd."""
+
+    def __init__(self, frame, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
+        self.parents: List[int] = list(frame.parents)
+        self.unwrap_order: List[int] = list(frame.unwrap_order)
+        self.register_buffer("dtype_of_cv", torch.zeros(0, dtype=dtype))
+
+    @torch.jit.export
+    def selected(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        """The selected atoms ``(n, 3)`` in the exported dtype, made whole across periodic boundaries."""
+        x = positions[self.atom_indices].to(self.dtype_of_cv.dtype)
+        if boxvectors is not None:
+            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
+        return x
+
+
+class AlignedInput(_SelectedAtoms):
     """The front of every exported CV: selected atoms, unwrapped and aligned, mapped to the whitened internal
     coordinates ``y = pre(u)`` that the flow's couplings (or a distilled student) read; one fused matrix. With
     ``order``, ``y``'s coordinates come out in that order.
@@ -34,10 +58,7 @@ class AlignedInput(nn.Module):
     """
 
     def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype, order: Optional[Tensor] = None):
-        super().__init__()
-        self.register_buffer("atom_indices", torch.tensor(frame.atom_indices, dtype=torch.long))
-        self.parents: List[int] = list(frame.parents)
-        self.unwrap_order: List[int] = list(frame.unwrap_order)
+        super().__init__(frame, dtype)
         self.align = frame.align
         self.register_buffer("masses", frame.masses.to(dtype))
         self.register_buffer("reference", frame.reference.to(dtype))
@@ -55,14 +76,6 @@ class AlignedInput(nn.Module):
         return (x.reshape(1, -1) @ self.in_matrix) + self.in_shift
 
     @torch.jit.export
-    def selected(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
-        """The selected atoms ``(n, 3)`` in the exported dtype, made whole across periodic boundaries."""
-        x = positions[self.atom_indices].to(self.in_matrix.dtype)
-        if boxvectors is not None:
-            x = unwrap(x, boxvectors.to(x.dtype), self.unwrap_order, self.parents)
-        return x
-
-    @torch.jit.export
     def transform_saving(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
         """``y (1, d)`` from selected atoms ``x``, and what :meth:`pullback` needs."""
         saved: List[Tensor] = []
@@ -77,6 +90,37 @@ class AlignedInput(nn.Module):
         if self.align:
             on_atoms = kabsch_pullback(saved, on_atoms, self.rotation_generators)
         return on_atoms
+
+
+class DistanceInput(_SelectedAtoms):
+    """The front of a distilled CV that reads interatomic distances: the selected atoms' distances of all pairs,
+    standardised. No alignment: no rigid-body motion changes a distance. A handful of operations where
+    :class:`AlignedInput` needs dozens (the alignment's iteration on a GPU), which is what a CUDA graph's chain of
+    kernels is made of.
+    """
+
+    def __init__(self, frame, mean: Tensor, scale: Tensor, dtype: torch.dtype):
+        super().__init__(frame, dtype)
+        self.register_buffer("incidence", pair_incidence(len(frame.atom_indices), dtype))
+        self.register_buffer("mean", mean.to(dtype))
+        self.register_buffer("inverse_scale", (1.0 / scale.double()).to(dtype))
+
+    def forward(self, positions: Tensor, boxvectors: Optional[Tensor] = None) -> Tensor:
+        return self.transform_saving(self.selected(positions, boxvectors))[0]
+
+    @torch.jit.export
+    def transform_saving(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """Standardised distances ``(1, P)`` of selected atoms ``x``, and their unit difference vectors over the
+        scale ``(P, 3)``, which is what :meth:`pullback` needs."""
+        differences = self.incidence @ x
+        distances = torch.linalg.vector_norm(differences, dim=1)
+        features = (distances - self.mean) * self.inverse_scale
+        return features.unsqueeze(0), [differences * (self.inverse_scale / distances).unsqueeze(1)]
+
+    @torch.jit.export
+    def pullback(self, saved: List[Tensor], cotangent: Tensor) -> Tensor:
+        """Row covectors ``(K, P)`` on the features → on the selected atoms, ``(K, n, 3)``."""
+        return self.incidence.t() @ (cotangent.unsqueeze(2) * saved[0])
 
 
 class _LinearisedCV(nn.Module):
@@ -195,7 +239,13 @@ class StudentModule(_LinearisedCV):
 
     def __init__(self, model, student, report: Optional[dict] = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.input = AlignedInput(model.frame, student.pre, dtype)
+        if student.features is None:
+            self.input = AlignedInput(model.frame, student.pre, dtype)
+        elif isinstance(student.features, PairDistances):
+            self.input = DistanceInput(model.frame, student.feature_mean, student.feature_scale, dtype)
+        else:
+            raise ValueError(f"cannot export a student that reads {type(student.features).__name__} features; "
+                             "exported students read the whitened internal coordinates or PairDistances")
         self.net = copy.deepcopy(student.net).to(dtype)
         self.register_buffer("mode_rows", torch.eye(int(student.modes), dtype=dtype))
         self.num_modes = int(student.modes)
@@ -272,9 +322,16 @@ def slow_mode_module(model, modes: int = 2, dtype: torch.dtype = torch.float32) 
     return script(SlowModeModule(model, modes, dtype))
 
 
-def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, **options):
+def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, features: str = "internal",
+                   **options):
     """Distil the ``modes`` slowest modes of ``model`` into a small network (:func:`~nct_openmm.core.distill.
     fit_student`, ``options`` go there) and script it with the CV contract.
+
+    ``features``: what the network reads. ``"internal"`` (default): the flow's own input, the aligned and whitened
+    internal coordinates. ``"distances"``: all interatomic distances of the model's atoms
+    (:class:`~nct_openmm.geometry.PairDistances`), which need no alignment, so the CV is a handful of operations
+    plus the network (fewer kernels in a CUDA graph); distances cannot tell a structure from its mirror image,
+    which MD of a chiral molecule does not visit.
 
     Returns
     -------
@@ -286,7 +343,10 @@ def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, **
     >>> cv, report = student_module(SlowModeModel.load("models/alanine_dipeptide.pt"), modes=2)  # doctest: +SKIP
     >>> report["value_rms_thermal"]  # doctest: +SKIP
     """
-    student, report = fit_student(model.flow, modes, **options)
+    if features not in STUDENT_FEATURES:
+        raise ValueError(f"unknown student features {features!r}: use one of {', '.join(STUDENT_FEATURES)}")
+    mapping = PairDistances(model.frame) if features == "distances" else None
+    student, report = fit_student(model.flow, modes, features=mapping, **options)
     return script(StudentModule(model, student, report.as_dict(), dtype)), report.as_dict()
 
 

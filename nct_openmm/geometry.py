@@ -319,6 +319,45 @@ class InternalFrame(nn.Module):
         return frame
 
 
+def pair_incidence(n_atoms: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(P, n)`` matrix of all atom pairs ``i < j`` (row order of ``torch.triu_indices``): +1 at ``i``, −1 at
+    ``j``, so that ``B @ x`` gives every pair's difference vector in one product.
+
+    Examples
+    --------
+    >>> pair_incidence(3).tolist()
+    [[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, -1.0]]
+    """
+    first, second = torch.triu_indices(n_atoms, n_atoms, 1)
+    incidence = torch.zeros(len(first), n_atoms, dtype=dtype)
+    rows = torch.arange(len(first))
+    incidence[rows, first] = 1.0
+    incidence[rows, second] = -1.0
+    return incidence
+
+
+class PairDistances(nn.Module):
+    """Reduced internal coordinates ``u (..., dim)`` of a frame → all interatomic distances ``(..., P)`` (nm) of
+    its atoms: features that no rigid-body motion changes, so a network reading them needs no alignment.
+
+    Examples
+    --------
+    >>> reference = torch.eye(3, dtype=torch.float64)  # a triangle with sides of √2
+    >>> frame = InternalFrame([0, 1, 2], torch.ones(3), reference, kT=1.0)
+    >>> [round(d, 6) for d in PairDistances(frame)(frame.internal(reference[None]))[0].tolist()]
+    [1.414214, 1.414214, 1.414214]
+    """
+
+    def __init__(self, frame: InternalFrame):
+        super().__init__()
+        self.frame = frame
+        self.register_buffer("incidence", pair_incidence(len(frame.atom_indices)))
+
+    def forward(self, u: Tensor) -> Tensor:
+        x = self.frame.cartesian(u)
+        return torch.linalg.vector_norm(self.incidence.to(x.dtype) @ x, dim=-1)
+
+
 def spanning_tree(n_atoms: int, bonds) -> List[int]:
     """Parents of a breadth-first spanning forest over ``bonds`` (pairs of local atom indices); −1 marks roots.
 

@@ -42,16 +42,18 @@ def test_an_untrained_student_is_far_from_the_flow():
     assert report.value_rms_thermal > 0.1
 
 
-def test_bad_settings_are_refused():
+def test_bad_settings_are_refused(ala2_model):
+    with pytest.raises(ValueError, match="unknown student features 'angles'"):
+        student_module(ala2_model.model, 2, features="angles", steps=1, samples=64, progress=False)
     with pytest.raises(ValueError, match="modes"):
         fit_student(_curved_flow(), modes=9, steps=1, samples=64, progress=False)
     with pytest.raises(ValueError, match="at least 1 step"):
         fit_student(_curved_flow(), modes=2, steps=0, samples=64, progress=False)
 
 
-@pytest.fixture(scope="module")
-def studentCv(ala2_model):
-    return student_module(ala2_model.model, 2, steps=1500, samples=16384, progress=False)
+@pytest.fixture(scope="module", params=["internal", "distances"])
+def studentCv(ala2_model, request):
+    return student_module(ala2_model.model, 2, steps=1500, samples=16384, progress=False, features=request.param)
 
 
 def test_student_cv_matches_the_flow_cv_on_held_out_md_frames(ala2_model, studentCv, ala2_run):
@@ -65,6 +67,7 @@ def test_student_cv_matches_the_flow_cv_on_held_out_md_frames(ala2_model, studen
         pairs = [(cv(torch.as_tensor(x)), flow(torch.as_tensor(x))) for x in frames]
     student, teacher = (torch.stack(values).numpy() for values in zip(*pairs))
     rms = np.sqrt(np.mean((student - teacher) ** 2, axis=0))
+    print("rms on held-out MD frames", rms)
     assert np.all(rms < 0.05), rms
     assert np.corrcoef(student[:, 0], teacher[:, 0])[0, 1] > 0.995
     assert set(report) >= {"value_rms", "value_rms_thermal", "gradient_relative"}

@@ -117,6 +117,9 @@ def test_metad_cli_refuses_a_stride_that_does_not_divide_the_hill_frequency(ala2
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--naive",
                  "--student", "--out", str(tmp_path)]) == 2
     assert "--naive" in capsys.readouterr().err
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001",
+                 "--student-features", "distances", "--out", str(tmp_path)]) == 2
+    assert "add --student" in capsys.readouterr().err
 
 
 def test_the_command_line_parser_does_not_load_openmm_torch():

@@ -29,7 +29,7 @@ from nct_openmm.core.distill import fit_student
 from nct_openmm.core.layers import AffineCoupling
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import (kabsch_align, kabsch_align_saving, kabsch_pullback, polar_rotation,
+from nct_openmm.geometry import (PairDistances, kabsch_align, kabsch_align_saving, kabsch_pullback, polar_rotation,
                                  rotation_generators)
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
@@ -648,14 +648,15 @@ def _autograd_definition(exported, positions):
     return exported.net(y)[0]
 
 
-@pytest.mark.parametrize("kind", ["flow", "student"])
+@pytest.mark.parametrize("kind", ["flow", "student", "distance-student"])
 def test_exported_forces_equal_autograd_through_the_network_also_when_frozen(ala2_model, ala2_traj, kind):
     """The exported network enters autograd through its closed-form Jacobian; TorchForce freezes the module."""
     model = ala2_model.model
     if kind == "flow":
         exported = SlowModeModule(model, 2, torch.float64)
     else:
-        student, _ = fit_student(model.flow, 2, steps=20, samples=256, batch=128, progress=False)
+        features = PairDistances(model.frame) if kind == "distance-student" else None
+        student, _ = fit_student(model.flow, 2, steps=20, samples=256, batch=128, progress=False, features=features)
         exported = StudentModule(model, student, dtype=torch.float64)
     scripted = torch.jit.script(exported)
     frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(exported)).eval())
@@ -700,6 +701,20 @@ def test_the_exported_cv_unwraps_molecules_broken_across_the_box(ala2_model, ala
     moved, boxes = moved_and_broken(positions, seed=2)
     np.testing.assert_allclose(evaluate(module, torch.as_tensor(moved), torch.as_tensor(boxes)),
                                evaluate(module, torch.as_tensor(positions)), atol=1e-10)
+
+
+def test_a_distance_student_ignores_rigid_motions_and_unwraps_molecules(ala2_model, ala2_traj):
+    student, _ = fit_student(ala2_model.model.flow, 2, steps=20, samples=256, batch=128, progress=False,
+                             features=PairDistances(ala2_model.model.frame))
+    module = torch.jit.script(StudentModule(ala2_model.model, student, dtype=torch.float64))
+    positions = ala2_traj.xyz[::50].astype(np.float64)
+    moved, boxes = moved_and_broken(positions, seed=3)
+    expected = evaluate(module, torch.as_tensor(positions))
+    assert np.ptp(expected, axis=0).min() > 0.1  # the frames differ, so equal values below are not a constant
+    np.testing.assert_allclose(evaluate(module, torch.as_tensor(moved), torch.as_tensor(boxes)), expected, atol=1e-10)
+    rotation = torch.as_tensor(Rotation.random(random_state=4).as_matrix())
+    rotated = torch.as_tensor(positions) @ rotation.T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    np.testing.assert_allclose(evaluate(module, rotated), expected, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
@@ -778,6 +793,12 @@ def test_nct_export_cli_writes_a_loadable_file(ala2_model, ala2_traj, tmp_path, 
     student = torch.jit.load(out)
     assert student.num_modes == 2 and student.student_report["steps"] == 30
     assert evaluate(student, positions).shape == (2, 2)
+    assert main(["export", ala2_model.path, "--student", "--student-steps", "30", "--student-features", "distances",
+                 "--out", out]) == 0
+    assert "input.incidence" in dict(torch.jit.load(out).named_buffers())  # reads distances: no alignment in it
+    capsys.readouterr()
+    assert main(["export", ala2_model.path, "--student-features", "distances", "--out", out]) == 2
+    assert "add --student" in one_line_error(capsys, "export")
     assert main(["export", ala2_model.path, "--modes", "25", "--out", out]) == 2
     assert "modes must be between 1 and 24" in one_line_error(capsys, "export")
 

@@ -26,6 +26,12 @@ def checkOutputFolder(path, option):
         raise CommandError(f"the folder of {option} does not exist: {folder}")
 
 
+def checkStudentFeatures(args):
+    """``--student-features`` only means something with ``--student``."""
+    if args.student_features != "internal" and not args.student:
+        raise CommandError("--student-features chooses what --student reads; add --student")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="nct",

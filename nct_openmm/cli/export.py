@@ -1,7 +1,8 @@
 """``nct export``: write the slow modes of a model as a TorchScript collective variable."""
 import torch
 
-from nct_openmm.export import export_slow_modes, export_student
+from nct_openmm.cli import checkStudentFeatures
+from nct_openmm.export import STUDENT_FEATURES, export_slow_modes, export_student
 from nct_openmm.slowmodes import SlowModeModel
 
 
@@ -18,14 +19,19 @@ def add_parser(subparsers):
                         help="export a small network distilled from the flow (fast at MD time; prints its errors)")
     parser.add_argument("--student-steps", type=int, default=6000,
                         help="distillation steps of --student (default: 6000, about 3 min on one core)")
+    parser.add_argument("--student-features", choices=STUDENT_FEATURES, default="internal",
+                        help="what --student reads: the flow's aligned internal coordinates (default) or all "
+                             "interatomic distances (no alignment: fewer operations per step, most on a GPU)")
     parser.set_defaults(func=run)
 
 
 def run(args):
+    checkStudentFeatures(args)
     model = SlowModeModel.load(args.model)
     dtype = torch.float64 if args.double else torch.float32
     if args.student:
-        report = export_student(model, args.out, args.modes, dtype, steps=args.student_steps)
+        report = export_student(model, args.out, args.modes, dtype, steps=args.student_steps,
+                                features=args.student_features)
         print(f"distilled student: rms error {report['value_rms_thermal']:.3f} (thermal), {report['value_rms']:.3f} "
               f"(slow modes spread x{report['spread']:g}) mode units; gradient error "
               f"{100 * report['gradient_relative']:.1f} %")

@@ -1,6 +1,7 @@
 """``nct metad``: well-tempered metadynamics on the slow modes of a trained model."""
-from nct_openmm.cli import CommandError
+from nct_openmm.cli import CommandError, checkStudentFeatures
 from nct_openmm.cli.systemargs import addSystemArguments, molecularSystem
+from nct_openmm.export import STUDENT_FEATURES
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import getPlatform
 
@@ -27,6 +28,9 @@ def add_parser(subparsers):
                         help="bias through a small network distilled from the flow (faster; its errors are reported)")
     parser.add_argument("--student-steps", type=int, default=6000,
                         help="distillation steps of --student (default: 6000, about 3 min on one core)")
+    parser.add_argument("--student-features", choices=STUDENT_FEATURES, default="internal",
+                        help="what --student reads: the flow's aligned internal coordinates (default) or all "
+                             "interatomic distances (no alignment: fewer operations per step, most on a GPU)")
     parser.add_argument("--bias-stride", type=int, default=1,
                         help="apply the bias every n-th 2-fs step by multiple time stepping (default: 1; 4 kept "
                              "the free energy in the checks made, 8 did not for every CV: see the README)")
@@ -48,11 +52,13 @@ def run(args):
                            f"got {args.bias_stride}")
     if args.naive and args.student:
         raise CommandError("--naive runs the plain comparison with the flow; it takes no --student")
+    checkStudentFeatures(args)
     model = SlowModeModel.load(args.model)
     molecule = molecularSystem(args)
     settings = SlowModeMetadynamicsSettings(modes=args.modes, biasFactor=args.bias_factor, height=args.height,
                                             width=args.width, frequency=args.frequency, naive=args.naive,
                                             student=args.student, studentSteps=args.student_steps,
+                                            studentFeatures=args.student_features,
                                             biasStride=args.bias_stride)
     summary = runSlowModeMetadynamics(model, molecule, args.out, args.ns, args.temperature, settings,
                                       args.platform, args.seed, progress=not args.no_progress)

@@ -3,10 +3,11 @@
 The flow is needed for training and generation; a biased simulation only needs ``ε(q)``, the K slowest scaled latent
 coordinates, and their gradient, at every (or every n-th) step. Evaluated through a TorchScript CV, the flow costs
 roughly a thousand small operations per step, and on a CPU each costs microseconds of overhead; a three-layer MLP
-costs a few dozen. The student maps the flow's whitened input ``y = pre(q)`` (the harmonic limit of the data) to
-``ε``, and is fitted in Sobolev norm (values and gradients, since forces are gradients) on configurations the flow
-itself generates: no data are needed, and the slow modes are sampled wider than the prior (``spread``) because
-metadynamics drives the system far along them.
+costs a few dozen. The student maps the flow's whitened input ``y = pre(q)`` (the harmonic limit of the data), or
+fixed features of ``q`` such as interatomic distances (``features``), to ``ε``, and is fitted in Sobolev norm
+(values and gradients, since forces are gradients) on configurations the flow itself generates: no data are
+needed, and the slow modes are sampled wider than the prior (``spread``) because metadynamics drives the system
+far along them.
 
 Examples
 --------
@@ -19,7 +20,7 @@ torch.Size([1, 2])
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -52,22 +53,48 @@ class StudentReport:
 
 
 class Student(nn.Module):
-    """``ε = net(pre(q))``: the flow's fixed whitening map followed by a small SiLU MLP with K outputs."""
+    """``ε = net(input(q))``: a small SiLU MLP with K outputs on a fixed input map, the flow's whitening map, or
+    ``features(q)`` standardised by ``feature_mean`` and ``feature_scale``."""
 
-    def __init__(self, pre: AffinePoint, modes: int, hidden: int = 128, depth: int = 2):
+    def __init__(self, pre: AffinePoint, modes: int, hidden: int = 128, depth: int = 2,
+                 features: Optional[nn.Module] = None, feature_mean: Optional[Tensor] = None,
+                 feature_scale: Optional[Tensor] = None):
         super().__init__()
         self.pre = copy.deepcopy(pre).requires_grad_(False)
+        self.features = copy.deepcopy(features)  # the caller's module (and its buffers) stays as it is
+        if features is not None:
+            self.register_buffer("feature_mean", feature_mean.clone())
+            self.register_buffer("feature_scale", feature_scale.clone())
+        width = pre.shift.numel() if features is None else int(feature_mean.numel())
         # Not zero-initialised like a coupling's: the student has no identity to start from.
-        self.net = mlp(pre.shift.numel(), modes, hidden, depth, zero_output=False)
+        self.net = mlp(width, modes, hidden, depth, zero_output=False)
         self.modes = modes
 
+    def input_of(self, q: Tensor) -> Tensor:
+        """What the network reads at configurations ``q``."""
+        if self.features is None:
+            return self.pre(q)
+        return (self.features(q) - self.feature_mean) / self.feature_scale
+
     def forward(self, q: Tensor) -> Tensor:
-        return self.net(self.pre(q))
+        return self.net(self.input_of(q))
+
+
+class _OnWhitened(nn.Module):
+    """A student with features as a function of the whitened input ``y`` the teacher's samples come in."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.student(self.student.pre.inverse(y))
 
 
 def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: int = 2, samples: int = 65536,
                 steps: int = 6000, batch: int = 1024, spread: float = 3.0, gradient_weight: float = 1.0,
-                lr: float = 3e-3, seed: int = 0, progress: bool = True) -> Tuple[Student, StudentReport]:
+                lr: float = 3e-3, seed: int = 0, progress: bool = True,
+                features: Optional[nn.Module] = None) -> Tuple[Student, StudentReport]:
     """Fit a :class:`Student` to the ``modes`` slowest scaled modes of a point-transformation ``model``.
 
     Parameters
@@ -87,6 +114,11 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
         ``[1, spread]`` (the other modes from the prior), so that the student is accurate where metadynamics goes.
     gradient_weight : float
         Weight of the gradient term of the Sobolev loss.
+    features : torch.nn.Module, optional
+        A fixed map from the flow's input ``q (batch, d)`` to features ``(batch, F)`` the student reads instead
+        of the whitened ``q``, standardised over the training configurations; e.g.
+        :class:`~nct_openmm.geometry.PairDistances`, which no rigid-body motion changes, so the exported CV needs
+        no alignment.
 
     Returns
     -------
@@ -106,12 +138,23 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
     train = (y[held_out:], targets[held_out:], gradients[held_out:])
     with torch.random.fork_rng():  # seeds the initial weights without touching the caller's random stream
         torch.manual_seed(seed)
-        student = Student(model.layers[0], modes, hidden, depth)
-    student.net.to(y.dtype)
-    _train_student(student.net, train, steps, batch, gradient_weight, lr, generator, progress)
-    report = _report(student.net, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal,
+        student = Student(model.layers[0], modes, hidden, depth, features, *_feature_statistics(
+            model.layers[0], features, train[0]))
+    student.to(y.dtype)
+    trainee = student.net if features is None else _OnWhitened(student)
+    _train_student(trainee, train, steps, batch, gradient_weight, lr, generator, progress)
+    report = _report(trainee, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal,
                      dict(samples=samples, steps=steps, spread=spread, hidden=hidden, depth=depth))
     return student.float().eval(), report
+
+
+def _feature_statistics(pre: AffinePoint, features: Optional[nn.Module], y: Tensor):
+    """Mean and standard deviation of the features over the training inputs (whitened ``y``), or ``(None, None)``."""
+    if features is None:
+        return None, None
+    with torch.no_grad():
+        values = features(copy.deepcopy(pre).double().inverse(y))
+    return values.mean(0), values.std(0).clamp_min(1e-12)
 
 
 def _teacher_samples(model: NCTModel, modes: int, n: int, spread: float, generator: torch.Generator):
