@@ -130,6 +130,9 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
         torch.set_num_threads(settings.torchThreads)
     temperature = float(model.temperature if temperature is None else temperature)
     checkModelForSystem(model, molecularSystem, temperature)
+    if settings.studentFeatures != "internal" and not settings.student:
+        raise ValueError(f"studentFeatures={settings.studentFeatures!r} chooses what the student reads; set "
+                         "student=True")
     if settings.biasStride < 1 or settings.frequency % settings.biasStride:
         raise ValueError(f"the bias stride must be a positive divisor of the hill frequency ({settings.frequency} "
                          f"steps), got {settings.biasStride}")

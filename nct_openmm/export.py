@@ -26,6 +26,9 @@ from .geometry import (PairDistances, kabsch_align, kabsch_align_saving, kabsch_
 
 #: What a distilled CV can read (:func:`student_module`'s ``features``).
 STUDENT_FEATURES = ("internal", "distances")
+#: The most atoms a distance student reads: it reads all n(n − 1)/2 distances, and its exported front holds a
+#: (pairs × atoms) incidence matrix (150 atoms: 11 175 pairs, 6.7 MB in float32).
+MAX_DISTANCE_ATOMS = 150
 
 
 class _SelectedAtoms(nn.Module):
@@ -242,6 +245,9 @@ class StudentModule(_LinearisedCV):
         if student.features is None:
             self.input = AlignedInput(model.frame, student.pre, dtype)
         elif isinstance(student.features, PairDistances):
+            if student.features.frame.atom_indices != model.frame.atom_indices:
+                raise ValueError("the student reads distances of other atoms than the model's frame: "
+                                 f"{student.features.frame.atom_indices} against {model.frame.atom_indices}")
             self.input = DistanceInput(model.frame, student.feature_mean, student.feature_scale, dtype)
         else:
             raise ValueError(f"cannot export a student that reads {type(student.features).__name__} features; "
@@ -331,7 +337,8 @@ def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, fe
     internal coordinates. ``"distances"``: all interatomic distances of the model's atoms
     (:class:`~nct_openmm.geometry.PairDistances`), which need no alignment, so the CV is a handful of operations
     plus the network (fewer kernels in a CUDA graph); distances cannot tell a structure from its mirror image,
-    which MD of a chiral molecule does not visit.
+    which MD of a chiral molecule does not visit. Only for models trained with alignment (without it the modes
+    depend on absolute positions) and for 3 to :data:`MAX_DISTANCE_ATOMS` atoms.
 
     Returns
     -------
@@ -345,9 +352,22 @@ def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, fe
     """
     if features not in STUDENT_FEATURES:
         raise ValueError(f"unknown student features {features!r}: use one of {', '.join(STUDENT_FEATURES)}")
+    if features == "distances":
+        _check_distance_frame(model.frame)
     mapping = PairDistances(model.frame) if features == "distances" else None
     student, report = fit_student(model.flow, modes, features=mapping, **options)
     return script(StudentModule(model, student, report.as_dict(), dtype)), report.as_dict()
+
+
+def _check_distance_frame(frame):
+    """Refuse frames whose modes distances cannot represent, or whose distances are too many."""
+    n = len(frame.atom_indices)
+    if not frame.align:
+        raise ValueError("a distance student needs a model trained with alignment: without it the modes depend on "
+                         "where the atoms are in space, which distances do not say; use features='internal'")
+    if not 3 <= n <= MAX_DISTANCE_ATOMS:
+        raise ValueError(f"a distance student reads 3 to {MAX_DISTANCE_ATOMS} atoms (all n(n-1)/2 distances), this "
+                         f"model has {n}; use features='internal'")
 
 
 def export_slow_modes(model, path, modes: int = 2, dtype: torch.dtype = torch.float32) -> str:

@@ -351,11 +351,13 @@ class PairDistances(nn.Module):
     def __init__(self, frame: InternalFrame):
         super().__init__()
         self.frame = frame
-        self.register_buffer("incidence", pair_incidence(len(frame.atom_indices)))
+        first, second = torch.triu_indices(len(frame.atom_indices), len(frame.atom_indices), 1)
+        self.register_buffer("first", first)
+        self.register_buffer("second", second)
 
     def forward(self, u: Tensor) -> Tensor:
         x = self.frame.cartesian(u)
-        return torch.linalg.vector_norm(self.incidence.to(x.dtype) @ x, dim=-1)
+        return torch.linalg.vector_norm(x[..., self.first, :] - x[..., self.second, :], dim=-1)
 
 
 def spanning_tree(n_atoms: int, bonds) -> List[int]:

@@ -1,6 +1,9 @@
 """Tests of the distilled student (nct_openmm.core.distill, nct_openmm.export.StudentModule): it reproduces the
 flow's slow modes and their gradients, on the flow's own configurations and on held-out MD frames, and keeps the
 CV contract (rigid-motion invariance, TorchForce energies)."""
+import copy
+from types import SimpleNamespace
+
 import numpy as np
 import openmm
 import pytest
@@ -9,8 +12,9 @@ from openmm import unit
 
 from nct_openmm.core import FlowConfig, NCTModel
 from nct_openmm.core.distill import fit_student
-from nct_openmm.export import slow_mode_module, student_module
+from nct_openmm.export import StudentModule, slow_mode_module, student_module
 from nct_openmm.forces import SlowModeCV
+from nct_openmm.geometry import InternalFrame, PairDistances
 from nct_openmm.systems import builtinSystem
 
 
@@ -45,6 +49,19 @@ def test_an_untrained_student_is_far_from_the_flow():
 def test_bad_settings_are_refused(ala2_model):
     with pytest.raises(ValueError, match="unknown student features 'angles'"):
         student_module(ala2_model.model, 2, features="angles", steps=1, samples=64, progress=False)
+    unaligned = copy.deepcopy(ala2_model.model)
+    unaligned.frame.align = False  # modes of atoms held in space: distances cannot represent them
+    with pytest.raises(ValueError, match="needs a model trained with alignment"):
+        student_module(unaligned, 2, features="distances", steps=1, samples=64, progress=False)
+    pair = SimpleNamespace(frame=InternalFrame([0, 1], torch.ones(2), torch.eye(2, 3), kT=1.0))
+    with pytest.raises(ValueError, match="reads 3 to 150 atoms .* this model has 2"):
+        student_module(pair, 1, features="distances", steps=1, samples=64, progress=False)
+    frame = ala2_model.model.frame
+    shifted = InternalFrame([i + 1 for i in frame.atom_indices], frame.masses, frame.reference, frame.kT)
+    student, _ = fit_student(ala2_model.model.flow, 2, steps=1, samples=64, progress=False,
+                             features=PairDistances(shifted))
+    with pytest.raises(ValueError, match="distances of other atoms"):
+        StudentModule(ala2_model.model, student)
     with pytest.raises(ValueError, match="modes"):
         fit_student(_curved_flow(), modes=9, steps=1, samples=64, progress=False)
     with pytest.raises(ValueError, match="at least 1 step"):

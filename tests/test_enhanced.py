@@ -110,6 +110,14 @@ def test_a_bad_bias_stride_is_refused_before_anything_runs(ala2_model, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_student_features_without_a_student_are_refused(ala2_model, tmp_path):
+    settings = SlowModeMetadynamicsSettings(studentFeatures="distances")
+    with pytest.raises(ValueError, match="set student=True"):
+        runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path / "run"), 0.001,
+                                settings=settings, platform="Reference", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_metad_cli_refuses_a_stride_that_does_not_divide_the_hill_frequency(ala2_model, tmp_path, capsys):
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--frequency",
                  "50", "--bias-stride", "4", "--out", str(tmp_path)]) == 2

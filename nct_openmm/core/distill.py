@@ -152,8 +152,9 @@ def _feature_statistics(pre: AffinePoint, features: Optional[nn.Module], y: Tens
     """Mean and standard deviation of the features over the training inputs (whitened ``y``), or ``(None, None)``."""
     if features is None:
         return None, None
-    with torch.no_grad():
-        values = features(copy.deepcopy(pre).double().inverse(y))
+    pre = copy.deepcopy(pre).double()
+    with torch.no_grad():  # in chunks: features of tens of thousands of samples can take gigabytes at once
+        values = torch.cat([features(pre.inverse(chunk)) for chunk in y.split(4096)])
     return values.mean(0), values.std(0).clamp_min(1e-12)
 
 
