@@ -36,7 +36,7 @@ set -o pipefail
 # SHORT=1: the essentials in about three minutes (explicit water only, fewer rounds and training steps).
 if [ -n "${SHORT:-}" ]; then
     bias_systems="ala2-explicit" bias_variants="plain nct-mts8 student student-mts8 dstudent dstudent-mts8 student-mts16"
-    bias_rounds=2 bias_limit=90
+    bias_rounds=2 bias_limit=120
     training_options="--rounds 2 --steps 10 --loss-steps 200 --chain-steps 200" limit=75
 else
     bias_systems="ala2-explicit ala2-implicit"
