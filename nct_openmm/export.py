@@ -102,9 +102,10 @@ class DistanceInput(_SelectedAtoms):
     kernels is made of.
     """
 
-    def __init__(self, frame, mean: Tensor, scale: Tensor, dtype: torch.dtype):
+    def __init__(self, frame, pairs: PairDistances, mean: Tensor, scale: Tensor, dtype: torch.dtype):
         super().__init__(frame, dtype)
-        self.register_buffer("incidence", pair_incidence(len(frame.atom_indices), dtype))
+        # The pairs in the order the student was trained on.
+        self.register_buffer("incidence", pair_incidence(pairs.first, pairs.second, len(frame.atom_indices), dtype))
         self.register_buffer("mean", mean.to(dtype))
         self.register_buffer("inverse_scale", (1.0 / scale.double()).to(dtype))
 
@@ -248,7 +249,8 @@ class StudentModule(_LinearisedCV):
             if student.features.frame.atom_indices != model.frame.atom_indices:
                 raise ValueError("the student reads distances of other atoms than the model's frame: "
                                  f"{student.features.frame.atom_indices} against {model.frame.atom_indices}")
-            self.input = DistanceInput(model.frame, student.feature_mean, student.feature_scale, dtype)
+            self.input = DistanceInput(model.frame, student.features, student.feature_mean, student.feature_scale,
+                                       dtype)
         else:
             raise ValueError(f"cannot export a student that reads {type(student.features).__name__} features; "
                              "exported students read the whitened internal coordinates or PairDistances")
@@ -352,9 +354,10 @@ def student_module(model, modes: int = 2, dtype: torch.dtype = torch.float32, fe
     """
     if features not in STUDENT_FEATURES:
         raise ValueError(f"unknown student features {features!r}: use one of {', '.join(STUDENT_FEATURES)}")
+    mapping = None
     if features == "distances":
         _check_distance_frame(model.frame)
-    mapping = PairDistances(model.frame) if features == "distances" else None
+        mapping = PairDistances(model.frame)
     student, report = fit_student(model.flow, modes, features=mapping, **options)
     return script(StudentModule(model, student, report.as_dict(), dtype)), report.as_dict()
 

@@ -319,16 +319,15 @@ class InternalFrame(nn.Module):
         return frame
 
 
-def pair_incidence(n_atoms: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``(P, n)`` matrix of all atom pairs ``i < j`` (row order of ``torch.triu_indices``): +1 at ``i``, −1 at
-    ``j``, so that ``B @ x`` gives every pair's difference vector in one product.
+def pair_incidence(first: Tensor, second: Tensor, n_atoms: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(P, n)`` matrix of the atom pairs ``(first[p], second[p])``: +1 at the first atom, −1 at the second, so
+    that ``B @ x`` gives every pair's difference vector in one product.
 
     Examples
     --------
-    >>> pair_incidence(3).tolist()
+    >>> pair_incidence(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), 3).tolist()
     [[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, -1.0]]
     """
-    first, second = torch.triu_indices(n_atoms, n_atoms, 1)
     incidence = torch.zeros(len(first), n_atoms, dtype=dtype)
     rows = torch.arange(len(first))
     incidence[rows, first] = 1.0
@@ -338,7 +337,8 @@ def pair_incidence(n_atoms: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 class PairDistances(nn.Module):
     """Reduced internal coordinates ``u (..., dim)`` of a frame → all interatomic distances ``(..., P)`` (nm) of
-    its atoms: features that no rigid-body motion changes, so a network reading them needs no alignment.
+    its atoms, pair ``p`` between atoms ``first[p] < second[p]``: features that no rigid-body motion changes, so a
+    network reading them needs no alignment.
 
     Examples
     --------
