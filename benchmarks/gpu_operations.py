@@ -29,7 +29,8 @@ sys.path.insert(0, REPOSITORY)
 import nct_openmm.export as export  # noqa: E402
 from nct_openmm.core.distill import fit_student  # noqa: E402
 from nct_openmm.geometry import PairDistances  # noqa: E402
-from nct_openmm.metadynamics import HermiteBiasGrid, _MetadynamicsModuleNoBox  # noqa: E402
+from nct_openmm.metadynamics import (_HEIGHT, _HILL_ID, HermiteBiasGrid, _centreParameter,  # noqa: E402
+                                     _MetadynamicsModuleNoBox, _parameterOrder)
 from nct_openmm.slowmodes import SlowModeModel  # noqa: E402
 from nct_openmm.systems import builtinSystem  # noqa: E402
 
@@ -90,7 +91,9 @@ def countParts(cv, positions):
     grid = HermiteBiasGrid([-RANGE] * MODES, [RANGE] * MODES, [GRID_NODES] * MODES, [WIDTH] * MODES,
                            branchFree=True)
     module = _MetadynamicsModuleNoBox(cv, list(range(MODES)), grid)
-    parameters = [torch.tensor(value) for value in [0.0] * (2 + MODES) + [1.0, 1.0] + [0.1] * MODES]
+    defaults, _ = _parameterOrder(MODES, 0, [-RANGE] * MODES, [RANGE] * MODES)
+    hill = {_HILL_ID: 1.0, _HEIGHT: 1.0, **{_centreParameter(k): 0.1 for k in range(MODES)}}
+    parameters = [torch.tensor(hill.get(name, value)) for name, value in defaults.items()]
 
     def evaluation():
         x = positions.clone().requires_grad_(True)

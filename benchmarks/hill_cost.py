@@ -1,6 +1,7 @@
 """Cost of one hill deposition: LatentMetadynamics against openmm.app.Metadynamics.
 
-Both designs bias the same K stand-in modes of alanine dipeptide (vacuum, 22 atoms) on the same grid. The cost of a
+Both designs bias the same K modes of alanine dipeptide (vacuum, 22 atoms) on the same grid: by default a cheap
+stand-in CV, with ``--model`` the K slowest modes of a trained flow (exported as ``nct export`` does). The cost of a
 hill is the wall time it adds to a run: the deposition code of each design (read the CVs, compute the
 well-tempered height, hand the hill to the Context) followed by one evaluation of the bias force group, which
 forces the Context to absorb the hill, minus that evaluation alone. app.Metadynamics absorbs a hill by refitting its
@@ -12,6 +13,7 @@ Usage::
     python benchmarks/hill_cost.py              # grids 90, 200 (K=1); 90², 200² (K=2); 50³ (K=3); under 5 min
     python benchmarks/hill_cost.py --quick      # two small grids, a few hills, under 30 s
     python benchmarks/hill_cost.py --json out.json
+    python benchmarks/hill_cost.py --model models/alanine_dipeptide.pt
 """
 import argparse
 import json
@@ -30,8 +32,10 @@ sys.path.insert(0, REPOSITORY)
 sys.path.insert(0, os.path.join(REPOSITORY, "tests"))
 
 from cv_standin import StandInModes  # noqa: E402
+from nct_openmm.export import slow_mode_module  # noqa: E402
 from nct_openmm.forces import SlowModeCV  # noqa: E402
 from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
+from nct_openmm.slowmodes import SlowModeModel  # noqa: E402
 from nct_openmm.systems import builtinSystem  # noqa: E402
 
 CASES = [(1, 90), (1, 200), (2, 90), (2, 200), (3, 50)]
@@ -45,11 +49,18 @@ def main(argv=None):
     torch.set_num_threads(1)
     cases = QUICK_CASES if options.quick else CASES
     hills = options.hills or (4 if options.quick else 15)
-    rows = [measureCase(numModes, gridWidth, hills, options.platform) for numModes, gridWidth in cases]
+    model = SlowModeModel.load(options.model) if options.model else None
+    rows = [measureCase(numModes, gridWidth, hills, options.platform, _cvModule(model, numModes))
+            for numModes, gridWidth in cases]
     printTable(rows)
     if options.json:
         with open(options.json, "w") as file:
-            json.dump({"platform": options.platform, "hills_per_case": hills, "cases": rows}, file, indent=2)
+            json.dump({"platform": options.platform, "hills_per_case": hills, "cv": options.model or "stand-in",
+                       "cases": rows}, file, indent=2)
+
+
+def _cvModule(model, numModes):
+    return StandInModes(HEAVY_ATOMS, num_modes=numModes) if model is None else slow_mode_module(model, numModes)
 
 
 def _ratio(value):
@@ -63,24 +74,27 @@ def _parseArguments(argv):
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--hills", type=int, help="hills timed per case (default 15, quick 4)")
     parser.add_argument("--platform", default="Reference", help="OpenMM platform (default Reference)")
+    parser.add_argument("--model", metavar="PATH", help="bias the slowest modes of this trained model instead of "
+                        "the stand-in CV")
     return parser.parse_args(argv)
 
 
-def measureCase(numModes, gridWidth, hills, platform):
-    """Milliseconds per hill of both designs for K = ``numModes`` on a grid of ``gridWidth`` nodes per mode.
+def measureCase(numModes, gridWidth, hills, platform, cvModule):
+    """Milliseconds per hill of both designs for K = ``numModes`` modes of ``cvModule`` on a grid of ``gridWidth``
+    nodes per mode.
 
     Also reports the milliseconds of one evaluation of each design's bias force group, for scale: a
     LatentMetadynamics hill costs about one such evaluation (the read-out of the modes) plus the hill's update.
     """
-    ours, oursEvaluation = _timeDesign(_latentDeposition, numModes, gridWidth, hills, platform)
-    openmms, openmmEvaluation = _timeDesign(_openmmDeposition, numModes, gridWidth, hills, platform)
+    ours, oursEvaluation = _timeDesign(_latentDeposition, cvModule, numModes, gridWidth, hills, platform)
+    openmms, openmmEvaluation = _timeDesign(_openmmDeposition, cvModule, numModes, gridWidth, hills, platform)
     return {"modes": numModes, "grid": f"{gridWidth}^{numModes}", "nodes": gridWidth ** numModes,
             "latent_ms": ours, "app_metadynamics_ms": openmms, "speedup": openmms / ours if ours > 0 else None,
             "latent_evaluation_ms": oursEvaluation, "app_metadynamics_evaluation_ms": openmmEvaluation}
 
 
-def _timeDesign(setUp, numModes, gridWidth, hills, platform):
-    simulation, deposit, group = setUp(numModes, gridWidth, platform)
+def _timeDesign(setUp, cvModule, numModes, gridWidth, hills, platform):
+    simulation, deposit, group = setUp(cvModule, numModes, gridWidth, platform)
     context = simulation.context
     simulation.step(10)
 
@@ -106,9 +120,8 @@ def _medianSeconds(function, repeats):
     return statistics.median(times)
 
 
-def _latentDeposition(numModes, gridWidth, platform):
+def _latentDeposition(cvModule, numModes, gridWidth, platform):
     ala2 = builtinSystem("ala2-vacuum")
-    cvModule = StandInModes(HEAVY_ATOMS, num_modes=numModes)
     meta = LatentMetadynamics(ala2.system, cvModule, [RANGE] * numModes, WIDTH, TEMPERATURE, BIAS_FACTOR, HEIGHT,
                               frequency=1000, gridWidth=gridWidth)
     simulation = _simulation(ala2, platform)
@@ -116,9 +129,8 @@ def _latentDeposition(numModes, gridWidth, platform):
     return simulation, lambda context: meta._depositHill(context, 0), meta.forceGroup
 
 
-def _openmmDeposition(numModes, gridWidth, platform):
+def _openmmDeposition(cvModule, numModes, gridWidth, platform):
     ala2 = builtinSystem("ala2-vacuum")
-    cvModule = StandInModes(HEAVY_ATOMS, num_modes=numModes)
     variables = []
     for mode in range(numModes):
         collectiveVariable = openmm.CustomCVForce("s")

@@ -6,18 +6,22 @@ inside the TorchScript module that also evaluates the CV model:
 
 - **One model evaluation per step.** The module computes the K modes, looks the bias up on its own grid and returns
   the energy; autograd gives the forces, so they are exactly −∇E of the bias that is applied.
-- **Hills travel through global parameters.** At a deposition step the driver reads the modes and the current bias
-  out of the Context (zero-weight energy terms whose parameter derivatives are the values), computes the
-  well-tempered height ``h = h0 exp(−V(s) / (k_B ΔT))``, ΔT = (γ − 1) T, and sets a hill counter, the centre and
-  the height as Context parameters. The module adds the hill to its grid buffer the first time it sees a new
-  counter value; the buffer change persists inside the Context. The Python side does no grid work at deposition
-  time: it keeps the hill list and folds it into its own copy of the grid only when asked (free energy, saving);
-  that copy equals the Context's grid to rounding. The heights use V(s) as the Context applies it, and every
-  deposition checks that the Context's grid holds as many hills as the driver deposited. A hill therefore costs
-  one evaluation of the model plus an update of the nodes within ``HILL_CUTOFF`` widths of its centre, whatever
-  the grid size (``benchmarks/hill_cost.py`` on this project's CPU with a cheap stand-in model: 0.7–1.06 ms per
-  hill, of which the update is 0.05 ms for K = 1 and 0.2 ms for K = 3 and the evaluation 0.5 ms, against 0.7 ms
-  to 130 ms for ``app.Metadynamics`` on grids from 90 to 50³ nodes).
+- **Hills travel through global parameters.** At a deposition step the driver reads the modes and the bias out of
+  the Context (zero-weight energy terms whose parameter derivatives are the values), computes the well-tempered
+  height ``h = h0 exp(−V(s) / (k_B ΔT))``, ΔT = (γ − 1) T, and sets a hill counter, the centre and the height as
+  Context parameters. The module adds the hill to its grid buffer the first time it sees a new counter value; the
+  buffer change persists inside the Context. The Python side does no grid work at deposition time: it keeps the
+  hill list and folds it into its own copy of the grid only when asked (free energy, saving); that copy equals the
+  Context's grid to rounding. The heights use V(s) as the Context applies it, and every deposition checks that the
+  Context's grid holds as many hills as the driver deposited.
+- **Hills cost no model evaluation.** The module remembers the modes and the bias of its last evaluation for the
+  integrator (at the start of the last step, or of the last outer step with multiple time stepping), and the
+  read-out returns those without running the model: the hill is centred on the trajectory one step back, which
+  samples the same distribution. A hill therefore costs a read-out of a few tensor operations plus an update of the
+  nodes within ``HILL_CUTOFF`` widths of its centre, whatever the grid size and the CV model
+  (``benchmarks/hill_cost.py`` on this project's CPU: 0.5–0.9 ms per hill with the shipped flow model, whose
+  evaluation costs 1.7 ms, or with a cheap stand-in; ``app.Metadynamics`` needs 3 ms to 130 ms on grids from 90 to
+  50³ nodes). With ``cudaGraphs`` the read-out replays the graph and the hill sits at the current modes.
 - **Smooth bias.** Every grid node stores the bias and its first mixed derivatives (∂V/∂s_i, ∂²V/∂s_i∂s_j, …),
   accumulated from the exact derivatives of each Gaussian, and the module evaluates the tensor-product cubic
   Hermite interpolant. The bias is C¹ in the modes, so forces are continuous; a linearly interpolated grid would
@@ -96,6 +100,10 @@ _HILL_ID = _PREFIX + "HillId"
 _HEIGHT = _PREFIX + "Height"
 _BIAS_READOUT = _PREFIX + "BiasReadout"
 _COUNT_READOUT = _PREFIX + "HillCountReadout"
+_READ_OUT = _PREFIX + "ReadOut"
+# Values of _READ_OUT: an evaluation for the integrator (remembered), or a read-out of the modes at the current
+# positions (not remembered) or of the remembered ones (the model is not run).
+_EVALUATION, _READ_CURRENT, _READ_LAST = 0, -1, 1
 
 
 def _centreParameter(k):
@@ -377,15 +385,32 @@ class LatentMetadynamicsModule(torch.nn.Module):
         self.grid = grid
         self.allModes = modes == list(range(int(cvModule.num_modes)))
         self.register_buffer("modes", torch.tensor(modes, dtype=torch.long))
+        # NaN until the first evaluation, so a read-out of a Context that has not evaluated the force yet is told.
+        self.register_buffer("lastModes", torch.full([len(modes)], math.nan, dtype=torch.float64))
+        self.register_buffer("lastBias", torch.tensor(math.nan, dtype=torch.float64))
+        self.evaluationKind, self.readLastKind = _EVALUATION, _READ_LAST  # TorchScript reads no global ints
 
     def energy(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor], hillId: torch.Tensor,
                height: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
-               centres: List[torch.Tensor], modeReadouts: List[torch.Tensor]) -> torch.Tensor:
-        hillId, height, biasReadout, countReadout = (_scalar(hillId), _scalar(height), _scalar(biasReadout),
-                                                     _scalar(countReadout))
-        centres, modeReadouts = [_scalar(c) for c in centres], [_scalar(r) for r in modeReadouts]
+               centres: List[torch.Tensor], modeReadouts: List[torch.Tensor],
+               readOut: torch.Tensor) -> torch.Tensor:
+        biasReadout, countReadout = _scalar(biasReadout), _scalar(countReadout)
+        modeReadouts = [_scalar(r) for r in modeReadouts]
         with torch.no_grad():
-            self.grid.addHill(hillId, centres, height)
+            self.grid.addHill(_scalar(hillId), [_scalar(c) for c in centres], _scalar(height))
+        # A captured CUDA graph cannot branch on a parameter; there every read-out evaluates the model.
+        kind = self.evaluationKind if self.grid.branchFree else int(_scalar(readOut))
+        if kind == self.readLastKind:
+            energy = self.lastEvaluation(positions, biasReadout, countReadout, modeReadouts)
+        else:
+            remember = kind == self.evaluationKind and not self.grid.branchFree
+            energy = self.biasEnergy(positions, boxvectors, biasReadout, countReadout, modeReadouts, remember)
+        return energy.to(positions.dtype)
+
+    def biasEnergy(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor], biasReadout: torch.Tensor,
+                   countReadout: torch.Tensor, modeReadouts: List[torch.Tensor], remember: bool) -> torch.Tensor:
+        """The bias and the read-out terms at the modes of ``positions`` (float64); ``remember`` keeps the modes
+        and the bias for :meth:`lastEvaluation`."""
         s = self.cv(positions, boxvectors)
         if not self.allModes:
             s = s[self.modes]
@@ -396,27 +421,44 @@ class LatentMetadynamicsModule(torch.nn.Module):
         with torch.no_grad():
             bias, total, gradient = self.grid.evaluate(s.unsqueeze(0))
             constant = total[0] - torch.dot(s, gradient[0])
+            if remember:
+                self.lastModes.copy_(s)
+                self.lastBias.copy_(bias[0])
         energy = (s * (gradient[0] + torch.stack(modeReadouts))).sum() + constant
-        energy = energy + biasReadout * bias[0] + countReadout * self.grid.hillCount
-        return energy.to(positions.dtype)
+        return energy + biasReadout * bias[0] + countReadout * self.grid.hillCount
+
+    def lastEvaluation(self, positions: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
+                       modeReadouts: List[torch.Tensor]) -> torch.Tensor:
+        """The read-out terms at the remembered modes and bias, without evaluating the model (float64).
+
+        Contributes no force. The positions enter with weight zero because openmm-torch differentiates the energy
+        with respect to them.
+        """
+        readouts = torch.stack([biasReadout, countReadout] + modeReadouts)
+        values = torch.cat([self.lastBias.view(1), self.grid.hillCount.view(1), self.lastModes])
+        return torch.dot(readouts, values) + 0.0 * positions.sum()
 
 
 class _MetadynamicsModuleNoBox(LatentMetadynamicsModule):
     def forward(self, positions: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
-                p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor,
-                p4: Optional[torch.Tensor] = None, p5: Optional[torch.Tensor] = None,
-                p6: Optional[torch.Tensor] = None, p7: Optional[torch.Tensor] = None) -> torch.Tensor:
-        readouts, hillId, height, centres = _splitParameters(self.grid.numModes, [p0, p1, p2, p3], [p4, p5, p6, p7])
-        return self.energy(positions, None, hillId, height, biasReadout, countReadout, centres, readouts)
+                p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor, p4: torch.Tensor,
+                p5: Optional[torch.Tensor] = None, p6: Optional[torch.Tensor] = None,
+                p7: Optional[torch.Tensor] = None, p8: Optional[torch.Tensor] = None) -> torch.Tensor:
+        readouts, readOut, hillId, height, centres = _splitParameters(
+            self.grid.numModes, [p0, p1, p2, p3, p4], [p5, p6, p7, p8])
+        return self.energy(positions, None, hillId, height, biasReadout, countReadout, centres, readouts,
+                           readOut)
 
 
 class _MetadynamicsModuleBox(LatentMetadynamicsModule):
     def forward(self, positions: torch.Tensor, boxvectors: torch.Tensor, biasReadout: torch.Tensor,
                 countReadout: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, p3: torch.Tensor,
-                p4: Optional[torch.Tensor] = None, p5: Optional[torch.Tensor] = None,
-                p6: Optional[torch.Tensor] = None, p7: Optional[torch.Tensor] = None) -> torch.Tensor:
-        readouts, hillId, height, centres = _splitParameters(self.grid.numModes, [p0, p1, p2, p3], [p4, p5, p6, p7])
-        return self.energy(positions, boxvectors, hillId, height, biasReadout, countReadout, centres, readouts)
+                p4: torch.Tensor, p5: Optional[torch.Tensor] = None, p6: Optional[torch.Tensor] = None,
+                p7: Optional[torch.Tensor] = None, p8: Optional[torch.Tensor] = None) -> torch.Tensor:
+        readouts, readOut, hillId, height, centres = _splitParameters(
+            self.grid.numModes, [p0, p1, p2, p3, p4], [p5, p6, p7, p8])
+        return self.energy(positions, boxvectors, hillId, height, biasReadout, countReadout, centres, readouts,
+                           readOut)
 
 
 def _scalar(parameter: torch.Tensor) -> torch.Tensor:
@@ -425,17 +467,18 @@ def _scalar(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def _splitParameters(numModes: int, given: List[torch.Tensor], optional: List[Optional[torch.Tensor]]):
-    """Split the per-mode global parameters: K mode read-outs, the hill id, the height, K centres.
+    """Split the per-mode global parameters: K mode read-outs, the last-evaluation switch, the hill id, the height,
+    K centres.
 
-    TorchScript has no ``*args``; TorchForce passes exactly 2K + 2 of them after the two read-outs, 4 for K = 1 and
-    up to 8 for K = 3, so the last four slots are optional. See :func:`_parameterOrder`.
+    TorchScript has no ``*args``; TorchForce passes exactly 2K + 3 of them after the two read-outs, 5 for K = 1 and
+    up to 9 for K = 3, so the last four slots are optional. See :func:`_parameterOrder`.
     """
     parameters = given
     for parameter in optional:
         if parameter is not None:
             parameters.append(parameter)
-    return (parameters[:numModes], parameters[numModes], parameters[numModes + 1],
-            parameters[numModes + 2:2 * numModes + 2])
+    return (parameters[:numModes], parameters[numModes], parameters[numModes + 1], parameters[numModes + 2],
+            parameters[numModes + 3:2 * numModes + 3])
 
 
 def _depositDense(grid, centres, heights, chunk=256):
@@ -768,15 +811,33 @@ class LatentMetadynamics:
         self.force = self._createForce()
         self._system.addForce(self.force)
 
-    def _readouts(self, context):
-        """Modes, bias and hill count of ``context``'s module, from one evaluation of the bias force group."""
+    def _readouts(self, context, lastEvaluation=False):
+        """Modes, bias and hill count of ``context``'s module, from one evaluation of the bias force group.
+
+        With ``lastEvaluation``, the modes and bias are those the module computed at its last evaluation for the
+        integrator or a ``getState`` (read-outs do not count), and the model is not run; they are NaN in a Context
+        that has not evaluated the force yet.
+        """
+        context.setParameter(_READ_OUT, _READ_LAST if lastEvaluation else _READ_CURRENT)
+        try:
+            return self._readState(context)
+        finally:
+            context.setParameter(_READ_OUT, _EVALUATION)
+
+    def _readState(self, context):
         state = context.getState(getParameterDerivatives=True, groups={self.forceGroup})
         derivatives = state.getEnergyParameterDerivatives()
         modes = np.array([derivatives[_modeReadout(k)] for k in range(len(self._modes))])
         return modes, derivatives[_BIAS_READOUT], int(round(derivatives[_COUNT_READOUT])), state
 
     def _depositHill(self, context, step):
-        modes, bias, count, state = self._readouts(context)
+        # The integrator evaluated the bias at the start of the last step: its modes are a point of the trajectory
+        # one step back, as good a hill centre as the current one, and reading them spares a model evaluation. A
+        # captured graph evaluates the model at every read-out, and a Context whose integrator leaves the bias
+        # group out has no previous evaluation; both take the current modes.
+        modes, bias, count, state = self._readouts(context, lastEvaluation=not self._cudaGraphs)
+        if not np.isfinite(modes).all():
+            modes, bias, count, state = self._readouts(context)
         if count != len(self._heightList):
             raise RuntimeError(
                 f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "
@@ -852,7 +913,7 @@ def _parameterOrder(numModes, hillCount, lows, highs):
     the i-th energy parameter derivative in the i-th global parameter.
     """
     readouts = [_BIAS_READOUT, _COUNT_READOUT] + [_modeReadout(k) for k in range(numModes)]
-    parameters = dict.fromkeys(readouts, 0.0)
+    parameters = dict.fromkeys(readouts + [_READ_OUT], float(_EVALUATION))
     parameters.update({_HILL_ID: float(hillCount), _HEIGHT: 0.0})
     parameters.update({_centreParameter(k): 0.5 * (lows[k] + highs[k]) for k in range(numModes)})
     return parameters, readouts
