@@ -239,18 +239,22 @@ class SlowModeModule(_LinearisedCV):
 
 class StudentModule(_LinearisedCV):
     """A distilled CV (:mod:`nct_openmm.core.distill`) with the contract of :class:`SlowModeModule`: the same
-    front, then a small MLP instead of the flow. Attribute ``student_report`` holds the distillation errors."""
+    front, then a small MLP instead of the flow. Attributes: ``student_features``, what the network reads
+    (``"internal"`` or ``"distances"``, see :func:`student_module`), and ``student_report``, the distillation
+    errors; both survive ``save`` and ``torch.jit.load``."""
 
     def __init__(self, model, student, report: Optional[dict] = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         if student.features is None:
             self.input = AlignedInput(model.frame, student.pre, dtype)
+            self.student_features = "internal"
         elif isinstance(student.features, PairDistances):
             if student.features.frame.atom_indices != model.frame.atom_indices:
                 raise ValueError("the student reads distances of other atoms than the model's frame: "
                                  f"{student.features.frame.atom_indices} against {model.frame.atom_indices}")
             self.input = DistanceInput(model.frame, student.features, student.feature_mean, student.feature_scale,
                                        dtype)
+            self.student_features = "distances"
         else:
             raise ValueError(f"cannot export a student that reads {type(student.features).__name__} features; "
                              "exported students read the whitened internal coordinates or PairDistances")

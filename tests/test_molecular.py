@@ -789,13 +789,15 @@ def test_nct_export_cli_writes_a_loadable_file(ala2_model, ala2_traj, tmp_path, 
 
     assert main(["export", ala2_model.path, "--modes", "2", "--student", "--student-steps", "30", "--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "distilled student: rms error" in printed and f"wrote {out}" in printed
+    assert "distilled student on internal features: rms error" in printed and f"wrote {out}" in printed
     student = torch.jit.load(out)
     assert student.num_modes == 2 and student.student_report["steps"] == 30
+    assert student.student_features == "internal"
     assert evaluate(student, positions).shape == (2, 2)
     assert main(["export", ala2_model.path, "--student", "--student-steps", "30", "--student-features", "distances",
                  "--out", out]) == 0
     assert "input.incidence" in dict(torch.jit.load(out).named_buffers())  # reads distances: no alignment in it
+    assert torch.jit.load(out).student_features == "distances"
     capsys.readouterr()
     assert main(["export", ala2_model.path, "--student-features", "distances", "--out", out]) == 2
     assert "add --student" in one_line_error(capsys, "export")

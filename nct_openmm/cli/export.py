@@ -32,9 +32,9 @@ def run(args):
     if args.student:
         report = export_student(model, args.out, args.modes, dtype, steps=args.student_steps,
                                 features=args.student_features)
-        print(f"distilled student: rms error {report['value_rms_thermal']:.3f} (thermal), {report['value_rms']:.3f} "
-              f"(slow modes spread x{report['spread']:g}) mode units; gradient error "
-              f"{100 * report['gradient_relative']:.1f} %")
+        print(f"distilled student on {args.student_features} features: rms error "
+              f"{report['value_rms_thermal']:.3f} (thermal), {report['value_rms']:.3f} (slow modes spread "
+              f"x{report['spread']:g}) mode units; gradient error {100 * report['gradient_relative']:.1f} %")
     else:
         export_slow_modes(model, args.out, args.modes, dtype)
     print(f"wrote {args.out}: {args.modes} slowest modes of {args.model} "
