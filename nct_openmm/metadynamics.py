@@ -19,9 +19,9 @@ inside the TorchScript module that also evaluates the CV model:
   read-out returns those without running the model: the hill is centred on the trajectory one step back, which
   samples the same distribution. A hill therefore costs a read-out of a few tensor operations plus an update of the
   nodes within ``HILL_CUTOFF`` widths of its centre, whatever the grid size and the CV model
-  (``benchmarks/hill_cost.py`` on this project's CPU: 0.5–0.9 ms per hill with the shipped flow model, whose
-  evaluation costs 1.7 ms, or with a cheap stand-in; ``app.Metadynamics`` needs 3 ms to 130 ms on grids from 90 to
-  50³ nodes). With ``cudaGraphs`` the read-out replays the graph and the hill sits at the current modes.
+  (``benchmarks/hill_cost.py`` on this project's CPU: 0.5–0.75 ms per hill, at most 1.06, with the shipped flow
+  model, whose evaluation costs 1.7 ms; 0.3–0.7 ms with a cheap stand-in; ``app.Metadynamics`` needs 2.9 ms to
+  138 ms with the flow on grids from 90 to 50³ nodes). With ``cudaGraphs`` the read-out replays the graph and the hill sits at the current modes.
 - **Smooth bias.** Every grid node stores the bias and its first mixed derivatives (∂V/∂s_i, ∂²V/∂s_i∂s_j, …),
   accumulated from the exact derivatives of each Gaussian, and the module evaluates the tensor-product cubic
   Hermite interpolant. The bias is C¹ in the modes, so forces are continuous; a linearly interpolated grid would
