@@ -84,7 +84,8 @@ def measureCase(numModes, gridWidth, hills, platform, cvModule):
     nodes per mode.
 
     Also reports the milliseconds of one evaluation of each design's bias force group, for scale: a
-    LatentMetadynamics hill costs about one such evaluation (the read-out of the modes) plus the hill's update.
+    LatentMetadynamics hill reads the modes of the last evaluation without running the model, so it costs a
+    fraction of one, while app.Metadynamics evaluates its CVs again and refits its spline.
     """
     ours, oursEvaluation = _timeDesign(_latentDeposition, cvModule, numModes, gridWidth, hills, platform)
     openmms, openmmEvaluation = _timeDesign(_openmmDeposition, cvModule, numModes, gridWidth, hills, platform)
