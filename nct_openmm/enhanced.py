@@ -25,6 +25,7 @@ from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
 from nct_openmm.integrators import mtsLangevinIntegrator
 from nct_openmm.metadynamics import LatentMetadynamics
 from nct_openmm.simulate import startedSimulation, stepWithProgress, writeStructure
+from nct_openmm.systems import getPlatform
 
 
 class TemperatureMismatchWarning(UserWarning):
@@ -43,7 +44,9 @@ class SlowModeMetadynamicsSettings:
     ``biasStride`` n applies the bias every n-th 2-fs step with
     :func:`nct_openmm.integrators.mtsLangevinIntegrator` (outer step n × 2 fs). Whether a stride is accurate depends
     on the CV: check the kinetic temperature and the free energy against a stride-1 run
-    (``bias_overhead.py --mts-accuracy``).
+    (``bias_overhead.py --mts-accuracy``). ``cudaGraphs`` captures the bias in a CUDA graph on the CUDA platform
+    (ignored elsewhere): a GPU evaluation is then one graph replay instead of hundreds of kernel launches, which is
+    what the GPU speed figures of ``benchmarks/RESULTS.md`` were measured with.
     """
 
     modes: int = 2
@@ -59,6 +62,7 @@ class SlowModeMetadynamicsSettings:
     studentSteps: int = 6000  # its training steps (about 3 min on one CPU core)
     studentFeatures: str = "internal"  # what it reads: "internal" or "distances" (no alignment; see student_module)
     biasStride: int = 1  # apply the bias every n-th step (multiple time stepping)
+    cudaGraphs: bool = True  # capture the bias in a CUDA graph when the platform is CUDA
 
 
 def checkModelForSystem(model, molecularSystem, temperature):
@@ -138,6 +142,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                          f"steps), got {settings.biasStride}")
     if settings.naive and settings.biasStride > 1:
         raise ValueError("the naive comparison (app.Metadynamics) runs every step; it takes no bias stride")
+    chosenPlatform = getPlatform(platform)
+    cudaGraphs = settings.cudaGraphs and chosenPlatform.getName() == "CUDA"
     studentReport = None
     if settings.student:
         cv, studentReport = student_module(model, settings.modes, steps=settings.studentSteps, progress=progress,
@@ -150,16 +156,17 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
     ranges = _biasRanges(model, settings)
     if settings.naive:
         variables = slowModeBiasVariables(cv, list(range(settings.modes)), _trainingRanges(model, settings.modes),
-                                          settings.width, padding=settings.margin, periodic=periodic)
+                                          settings.width, padding=settings.margin, periodic=periodic,
+                                          cudaGraphs=cudaGraphs)
         bias = app.Metadynamics(system, variables, temperature, settings.biasFactor,
                                 settings.height * unit.kilojoule_per_mole, settings.frequency)
     else:
         bias = LatentMetadynamics(system, cv, ranges, settings.width, temperature, settings.biasFactor,
                                   settings.height, settings.frequency // settings.biasStride, periodic=periodic,
-                                  wallForceConstant=settings.wallForceConstant)
+                                  wallForceConstant=settings.wallForceConstant, cudaGraphs=cudaGraphs)
     stride = settings.biasStride
     biasGroup = None if settings.naive or stride == 1 else bias.forceGroup
-    simulation = _simulation(molecularSystem, system, temperature, seed, platform, biasGroup=biasGroup,
+    simulation = _simulation(molecularSystem, system, temperature, seed, chosenPlatform, biasGroup=biasGroup,
                              stride=stride)
     os.makedirs(outDir, exist_ok=True)
     writeStructure(simulation, os.path.join(outDir, "top.pdb"))
@@ -179,7 +186,8 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                             outDir)
     summary.update(protocol="nct-metad" + ("-naive" if settings.naive else ""), ns=ns,
                    ns_per_day=ns * 86400.0 / seconds, settings=dataclasses.asdict(settings), seed=seed,
-                   platform=simulation.context.getPlatform().getName(), model_temperature=model.temperature,
+                   platform=simulation.context.getPlatform().getName(), cuda_graphs=cudaGraphs,
+                   model_temperature=model.temperature,
                    student_report=studentReport, frame_interval_ps=stepsPerFrame * stride * 0.002)
     _writeSummary(summary, outDir)
     return summary

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cv_standin import StandInModes  # noqa: E402
 from nct_openmm.backend import createTorchForce  # noqa: E402
+from nct_openmm.enhanced import SlowModeMetadynamicsSettings, runSlowModeMetadynamics  # noqa: E402
 from nct_openmm.export import slow_mode_module, student_module  # noqa: E402
 from nct_openmm.forces import LatentBiasForce, SlowModeCV  # noqa: E402
 from nct_openmm.metadynamics import LatentMetadynamics  # noqa: E402
@@ -142,6 +143,18 @@ def test_metadynamics_hills_arrive_and_match_reference(ala2, cudaGraphs, tmp_pat
         referenceContext.setPositions(positions)
         assertAgree(energyAndForces(simulation.context, {meta.forceGroup}),
                     energyAndForces(referenceContext, {reference.forceGroup}), 1e-4)
+
+
+@pytest.mark.parametrize("cudaGraphs", [True, False])
+def test_the_metadynamics_protocol_captures_its_bias_in_a_cuda_graph_by_default(ala2, shippedModel, cudaGraphs,
+                                                                                tmp_path):
+    cudaOrSkip()
+    settings = SlowModeMetadynamicsSettings(frequency=20, biasStride=4, cudaGraphs=cudaGraphs)
+    summary = runSlowModeMetadynamics(shippedModel, ala2, str(tmp_path), 0.004, settings=settings, platform="CUDA",
+                                      progress=False)
+    assert summary["platform"] == "CUDA" and summary["cuda_graphs"] is cudaGraphs
+    hills = np.loadtxt(tmp_path / "cv.txt")
+    assert hills.shape == (100, 6) and np.all(np.isfinite(hills))
 
 
 def test_global_parameter_changes_reach_a_cuda_graph():

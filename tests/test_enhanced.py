@@ -42,6 +42,7 @@ def test_metadynamics_run_deposits_hills_and_writes_outputs(ala2_model, tmp_path
     summary = runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path), 0.004,
                                       settings=settings, platform="Reference", progress=False)
     assert summary["frames"] == 40 and summary["ns_per_day"] > 0
+    assert summary["cuda_graphs"] is False  # asked for (the default), but only the CUDA platform has graphs
     for name in ["traj.dcd", "top.pdb", "weights.txt", "summary.json", "fes_phipsi.npz"] + ([] if naive else
                                                                            ["cv.txt", "bias.npz", "fes_modes.png"]):
         assert os.path.getsize(tmp_path / name) > 0, name
@@ -68,9 +69,11 @@ def test_metad_cli_errors(ala2_model, tmp_path, capsys):
 
 def test_metad_cli_runs(ala2_model, tmp_path, capsys):
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.002", "--frequency",
-                 "50", "--platform", "Reference", "--out", str(tmp_path), "--no-progress"]) == 0
+                 "50", "--platform", "Reference", "--out", str(tmp_path), "--no-progress", "--no-cuda-graphs"]) == 0
     assert "phi transitions" in capsys.readouterr().out
-    assert (tmp_path / "summary.json").exists()
+    with open(tmp_path / "summary.json") as handle:
+        summary = json.load(handle)
+    assert summary["settings"]["cudaGraphs"] is False and summary["cuda_graphs"] is False
 
 
 def test_alanine_dipeptide_example_small_setting(ala2_model, tmp_path):

@@ -35,6 +35,9 @@ def add_parser(subparsers):
                         help="apply the bias every n-th 2-fs step by multiple time stepping (default: 1; 4 kept "
                              "the free energy in the checks made, 8 did not for every CV: see the README)")
     parser.add_argument("--platform", help="OpenMM platform (default: the fastest available)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="on the CUDA platform, launch the bias's kernels one by one instead of replaying them "
+                             "from a CUDA graph (slower; for an openmm-torch build whose graphs fail)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
@@ -59,7 +62,7 @@ def run(args):
                                             width=args.width, frequency=args.frequency, naive=args.naive,
                                             student=args.student, studentSteps=args.student_steps,
                                             studentFeatures=args.student_features,
-                                            biasStride=args.bias_stride)
+                                            biasStride=args.bias_stride, cudaGraphs=not args.no_cuda_graphs)
     summary = runSlowModeMetadynamics(model, molecule, args.out, args.ns, args.temperature, settings,
                                       args.platform, args.seed, progress=not args.no_progress)
     print(f"{summary['ns']:g} ns of metadynamics on {args.modes} slow modes at {summary['ns_per_day']:.1f} ns/day "
