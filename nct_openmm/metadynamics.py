@@ -736,8 +736,9 @@ class LatentMetadynamics:
         """Continue from a bias saved by :meth:`saveBias` with the same grid and well-tempered settings.
 
         The force in the System is replaced by one whose grid starts from the loaded bias (it moves to the end of
-        the System's force list). Call this before creating the Simulation: a Context created earlier still
-        refers to the force this removes, so create a new one afterwards. To restart from a checkpoint or State,
+        the System's force list). A Context created earlier still holds the force this removes: create the
+        Simulation afterwards, or call ``simulation.context.reinitialize(preserveState=True)``, which rebuilds the
+        Context from the System and keeps positions, velocities and time. To restart from a checkpoint or State,
         load one saved at the same step as the bias (both hold hills).
 
         Raises
@@ -843,7 +844,8 @@ class LatentMetadynamics:
                 f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "
                 f"{len(self._heightList)}. A Context holds the hills of the force it was created from plus those "
                 "deposited in it since: one created or reinitialized later has lost the others (saveBias() and "
-                "loadBias() before creating it), one given a State or checkpoint of another step holds other hills "
+                "loadBias() before creating or reinitializing it), one created before loadBias() holds the replaced "
+                "force (reinitialize it), one given a State or checkpoint of another step holds other hills "
                 "(save the bias and the checkpoint at the same step), or this openmm-torch build does not pass "
                 "changed global parameters to a CUDA graph (cudaGraphs=True)")
         height = self.height * math.exp(-bias / self._thermalEnergyDelta)

@@ -400,6 +400,25 @@ def test_save_and_load_restart_with_an_identical_bias(ala2, tmp_path):
     assert len(restarted.getHills()[1]) == 13
 
 
+def test_a_bias_loaded_into_a_running_simulation_takes_effect_after_reinitialize(ala2, depositedRun, tmp_path):
+    meta, simulation = depositedRun
+    path = str(tmp_path / "bias.npz")
+    meta.saveBias(path)
+    system = freshSystem(ala2)
+    running = makeMeta(system)
+    runningSimulation = makeSimulation(ala2, system)
+    running.step(runningSimulation, 10)
+    running.loadBias(path)
+    with pytest.raises(RuntimeError, match="reinitialize it"):
+        running.step(runningSimulation, 5)  # the Context still holds the force loadBias replaced
+    runningSimulation.context.reinitialize(preserveState=True)
+    positions = perturbedPositions(ala2, np.random.default_rng(4))
+    assert biasEnergy(runningSimulation.context, running, positions)[0] == pytest.approx(
+        biasEnergy(simulation.context, meta, positions)[0], rel=1e-12)
+    running.step(runningSimulation, 5)
+    assert len(running.getHills()[1]) == 17
+
+
 def test_a_context_without_the_hills_is_refused(ala2, depositedRun):
     meta, simulation = depositedRun
     stale = app.Simulation(ala2.topology, simulation.system, openmm.VerletIntegrator(0.001),
