@@ -37,11 +37,11 @@ set -o pipefail
 if [ -n "${SHORT:-}" ]; then
     bias_systems="ala2-explicit" bias_variants="plain nct-mts8 student student-mts8 dstudent dstudent-mts8 student-mts16"
     bias_rounds=2 bias_limit=120
-    training_options="--rounds 2 --steps 10 --loss-steps 200 --chain-steps 200" limit=75
+    training_options="--rounds 2 --steps 10 --loss-steps 200 --chain-steps 200" limit=75 test_limit=120
 else
     bias_systems="ala2-explicit ala2-implicit"
     bias_variants="plain plain-mts naive nct nct-mts4 nct-mts8 nct-mts8-symmetric student student-mts8 student-mts16 dstudent dstudent-mts4 dstudent-mts8"
-    bias_rounds=3 bias_limit=180 training_options="--rounds 3 --steps 20" limit=180
+    bias_rounds=3 bias_limit=180 training_options="--rounds 3 --steps 20" limit=180 test_limit=180
 fi
 bias() {  # $1: name, then bias_overhead options
     local name=$1
@@ -54,7 +54,7 @@ bias() {  # $1: name, then bias_overhead options
 }
 bias bias_cuda_graphs --cuda-graphs "$@"
 SECONDS=0
-timeout $limit python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_forces.py -k "cuda or CUDA" \
+timeout $test_limit python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_forces.py -k "cuda or CUDA" \
     2>&1 | tee "$OUT/pytest.txt" | tail -25 || failed="$failed pytest"
 echo "pytest: ${SECONDS} s"
 SECONDS=0

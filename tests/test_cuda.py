@@ -150,11 +150,11 @@ def test_the_metadynamics_protocol_captures_its_bias_in_a_cuda_graph_by_default(
                                                                                 tmp_path):
     cudaOrSkip()
     settings = SlowModeMetadynamicsSettings(frequency=20, biasStride=4, cudaGraphs=cudaGraphs)
-    summary = runSlowModeMetadynamics(shippedModel, ala2, str(tmp_path), 0.004, settings=settings, platform="CUDA",
+    summary = runSlowModeMetadynamics(shippedModel, ala2, str(tmp_path), 0.002, settings=settings, platform="CUDA",
                                       progress=False)
     assert summary["platform"] == "CUDA" and summary["cuda_graphs"] is cudaGraphs
     hills = np.loadtxt(tmp_path / "cv.txt")
-    assert hills.shape == (100, 6) and np.all(np.isfinite(hills))
+    assert hills.shape == (50, 6) and np.all(np.isfinite(hills))
 
 
 def test_global_parameter_changes_reach_a_cuda_graph():
