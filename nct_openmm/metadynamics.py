@@ -15,13 +15,16 @@ inside the TorchScript module that also evaluates the CV model:
   Context's grid to rounding. The heights use V(s) as the Context applies it, and every deposition checks that the
   Context's grid holds as many hills as the driver deposited.
 - **Hills cost no model evaluation.** The module remembers the modes and the bias of its last evaluation for the
-  integrator (at the start of the last step, or of the last outer step with multiple time stepping), and the
-  read-out returns those without running the model: the hill is centred on the trajectory one step back, which
-  samples the same distribution. A hill therefore costs a read-out of a few tensor operations plus an update of the
+  integrator or a ``getState`` (with ``LangevinMiddleIntegrator`` at the start of the last step; some integrators
+  evaluate at the end), and the read-out returns those without running the model: the hill is centred on the
+  trajectory at most one (outer) step back, which samples the same distribution. Each remembered point serves
+  one hill; without an evaluation since the previous hill the read-out evaluates the model at the current
+  positions. A hill therefore costs a read-out of a few tensor operations plus an update of the
   nodes within ``HILL_CUTOFF`` widths of its centre, whatever the grid size and the CV model
   (``benchmarks/hill_cost.py`` on this project's CPU: 0.5–0.75 ms per hill, at most 1.06, with the shipped flow
   model, whose evaluation costs 1.7 ms; 0.3–0.7 ms with a cheap stand-in; ``app.Metadynamics`` needs 2.9 ms to
-  138 ms with the flow on grids from 90 to 50³ nodes). With ``cudaGraphs`` the read-out replays the graph and the hill sits at the current modes.
+  138 ms with the flow on grids from 90 to 50³ nodes). With ``cudaGraphs`` the read-out replays the graph and
+  the hill sits at the current modes.
 - **Smooth bias.** Every grid node stores the bias and its first mixed derivatives (∂V/∂s_i, ∂²V/∂s_i∂s_j, …),
   accumulated from the exact derivatives of each Gaussian, and the module evaluates the tensor-product cubic
   Hermite interpolant. The bias is C¹ in the modes, so forces are continuous; a linearly interpolated grid would
@@ -429,13 +432,18 @@ class LatentMetadynamicsModule(torch.nn.Module):
 
     def lastEvaluation(self, positions: torch.Tensor, biasReadout: torch.Tensor, countReadout: torch.Tensor,
                        modeReadouts: List[torch.Tensor]) -> torch.Tensor:
-        """The read-out terms at the remembered modes and bias, without evaluating the model (float64).
+        """The read-out terms at the remembered modes and bias, without evaluating the model (float64); each
+        remembered value is read once (NaN afterwards), so a hill never reuses the point of the previous one.
 
         Contributes no force. The positions enter with weight zero because openmm-torch differentiates the energy
         with respect to them.
         """
-        readouts = torch.stack([biasReadout, countReadout] + modeReadouts)
+        # The CUDA kernel passes the parameters in float32 unless the Context runs in double precision.
+        readouts = torch.stack([biasReadout, countReadout] + modeReadouts).to(torch.float64)
         values = torch.cat([self.lastBias.view(1), self.grid.hillCount.view(1), self.lastModes])
+        with torch.no_grad():
+            self.lastModes.fill_(math.nan)
+            self.lastBias.fill_(math.nan)
         return torch.dot(readouts, values) + 0.0 * positions.sum()
 
 
@@ -704,7 +712,9 @@ class LatentMetadynamics:
         -------
         dict
             ``step`` (n,), ``time_ps`` (n,), ``cv`` (n, K), ``bias_kj_mol`` (n,) (the bias at the CV point just
-            before the hill) and ``height_kj_mol`` (n,).
+            before the hill) and ``height_kj_mol`` (n,). ``step`` and ``time_ps`` say when the hill was deposited;
+            ``cv``, its centre, is the point of the last evaluation before it, usually one (outer) step earlier
+            (see the module documentation).
         """
         series = {key: np.array(value) for key, value in self._record.items()}
         series["cv"] = series["cv"].reshape(-1, len(self._modes))
@@ -816,8 +826,8 @@ class LatentMetadynamics:
         """Modes, bias and hill count of ``context``'s module, from one evaluation of the bias force group.
 
         With ``lastEvaluation``, the modes and bias are those the module computed at its last evaluation for the
-        integrator or a ``getState`` (read-outs do not count), and the model is not run; they are NaN in a Context
-        that has not evaluated the force yet.
+        integrator or a ``getState`` (read-outs do not count), and the model is not run; they are NaN when there
+        was no such evaluation since the previous read-out of this kind.
         """
         context.setParameter(_READ_OUT, _READ_LAST if lastEvaluation else _READ_CURRENT)
         try:
@@ -832,10 +842,10 @@ class LatentMetadynamics:
         return modes, derivatives[_BIAS_READOUT], int(round(derivatives[_COUNT_READOUT])), state
 
     def _depositHill(self, context, step):
-        # The integrator evaluated the bias at the start of the last step: its modes are a point of the trajectory
+        # The integrator evaluated the bias during the last step: its modes are a point of the trajectory at most
         # one step back, as good a hill centre as the current one, and reading them spares a model evaluation. A
-        # captured graph evaluates the model at every read-out, and a Context whose integrator leaves the bias
-        # group out has no previous evaluation; both take the current modes.
+        # captured graph evaluates the model at every read-out; without an evaluation since the previous hill (an
+        # integrator that leaves the bias group out) the remembered modes are NaN. Both take the current modes.
         modes, bias, count, state = self._readouts(context, lastEvaluation=not self._cudaGraphs)
         if not np.isfinite(modes).all():
             modes, bias, count, state = self._readouts(context)

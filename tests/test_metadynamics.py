@@ -188,18 +188,41 @@ def test_hills_sit_at_the_modes_of_the_integrators_last_evaluation(ala2):
     assert meta.getTimeSeries()["bias_kj_mol"][0] == 0.0 and meta.getTimeSeries()["bias_kj_mol"][1] > 0.0
 
 
-def test_an_integrator_without_the_bias_group_gets_hills_at_the_current_modes(ala2):
+def test_a_hill_without_an_evaluation_since_the_last_one_sits_at_the_current_modes(ala2):
     system = freshSystem(ala2)
     meta = makeMeta(system, frequency=5)
     integrator = openmm.VerletIntegrator(0.001 * unit.picoseconds)
-    integrator.setIntegrationForceGroups({0})
+    integrator.setIntegrationForceGroups({0})  # the integrator never evaluates the bias
     simulation = makeSimulation(ala2, system, integrator=integrator)
+    initial = meta.getCollectiveVariables(simulation)
+    simulation.context.getState(getEnergy=True)  # an evaluation the first hill may use, and only the first
     current = []
     for _ in range(3):
         meta.step(simulation, 5)
         current.append(meta.getCollectiveVariables(simulation))
-    np.testing.assert_allclose(meta.getHills()[0], current, rtol=1e-12)
-    assert len(np.unique(meta.getHills()[0], axis=0)) == 3
+    centres = meta.getHills()[0]
+    np.testing.assert_allclose(centres[0], initial, rtol=1e-12)
+    np.testing.assert_allclose(centres[1:], current[1:], rtol=1e-12)
+    assert len(np.unique(centres, axis=0)) == 3
+
+
+def test_the_remembered_modes_are_read_once_and_in_float64_from_float32_parameters():
+    cvModule = StandInModes(CV_ATOMS, num_modes=2)
+    grid = metadynamics.HermiteBiasGrid([-3.0] * 2, [3.0] * 2, [31] * 2, [0.4] * 2)
+    module = torch.jit.script(metadynamics._MetadynamicsModuleNoBox(cvModule, [0, 1], grid))
+    names = list(metadynamics._parameterOrder(2, 0, [-3.0] * 2, [3.0] * 2)[0])
+    positions = torch.rand(max(CV_ATOMS) + 1, 3, dtype=torch.float64)
+
+    def call(readOut, dtype, shape):  # the CUDA kernel passes float32 parameters of shape (1,)
+        values = {metadynamics._READ_OUT: float(readOut), metadynamics._modeReadout(1): 1.0}
+        parameters = [torch.full(shape, values.get(name, 0.0), dtype=dtype) for name in names]
+        return float(module(positions.to(dtype), *parameters))
+
+    evaluated = call(metadynamics._EVALUATION, torch.float64, [])
+    remembered = call(metadynamics._READ_LAST, torch.float32, [1])
+    mode1 = float(cvModule.modes(positions)[1])
+    assert remembered == pytest.approx(mode1, rel=1e-6) and evaluated == pytest.approx(mode1, rel=1e-12)
+    assert math.isnan(call(metadynamics._READ_LAST, torch.float32, [1]))
 
 
 class XCoordinate(torch.nn.Module):
@@ -242,7 +265,7 @@ def test_branch_free_mode_gives_the_same_bias(ala2):
         system = freshSystem(ala2)
         meta = makeMeta(system, cudaGraphs=cudaGraphs)
         # Branch-free hills sit at the current modes; give the other run the same centres.
-        meta._readouts = lambda context, lastEvaluation, meta=meta: LatentMetadynamics._readouts(meta, context)
+        meta._readouts = lambda context, lastEvaluation=False, meta=meta: LatentMetadynamics._readouts(meta, context)
         simulation = makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
         meta.step(simulation, 30)
         energies.append(biasEnergy(simulation.context, meta)[0])
