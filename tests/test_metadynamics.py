@@ -87,6 +87,14 @@ def depositedRun(ala2):
     return meta, simulation
 
 
+def savedBias(depositedRun, tmp_path):
+    """The shared run, with its bias saved to a file: (meta, simulation, path)."""
+    meta, simulation = depositedRun
+    path = str(tmp_path / "bias.npz")
+    meta.saveBias(path)
+    return meta, simulation, path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forces and the bias itself
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,9 +432,7 @@ def test_save_and_load_restart_with_an_identical_bias(ala2, tmp_path):
 
 
 def test_a_bias_loaded_into_a_running_simulation_takes_effect_after_reinitialize(ala2, depositedRun, tmp_path):
-    meta, simulation = depositedRun
-    path = str(tmp_path / "bias.npz")
-    meta.saveBias(path)
+    meta, simulation, path = savedBias(depositedRun, tmp_path)
     system = freshSystem(ala2)
     running = makeMeta(system)
     runningSimulation = makeSimulation(ala2, system)
@@ -475,9 +481,7 @@ def test_loading_a_bias_with_other_settings_is_refused(ala2, depositedRun, tmp_p
 
 
 def test_reference_and_cpu_energies_agree(ala2, depositedRun, tmp_path):
-    meta, simulation = depositedRun
-    path = str(tmp_path / "bias.npz")
-    meta.saveBias(path)
+    meta, simulation, path = savedBias(depositedRun, tmp_path)
     cpuSystem = freshSystem(ala2)
     onCpu = makeMeta(cpuSystem)
     onCpu.loadBias(path)
