@@ -486,6 +486,9 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
     batch_loss = _maybe_compiled(lambda qb, pb, wb: negative_log_likelihood(model, qb, pb, wb), compile_loss,
                                  trainer_options)
 
+    # On q's device once: inside loss_fn a host-to-device copy would break the capture of a CUDA-graph step.
+    momentum_masses = torch.as_tensor(masses, dtype=q.dtype, device=q.device)
+
     def loss_fn(generator, step):
         if generator is None:
             # Replayed from a CUDA graph: batches drawn on the device, with replacement, instead of epochs.
@@ -496,7 +499,7 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
             idx = order["perm"][order["pos"]: order["pos"] + batch_size]
             order["pos"] += batch_size
         qb = q[idx]
-        pb = augment_momenta(qb, masses, kT, generator)
+        pb = augment_momenta(qb, momentum_masses, kT, generator)
         return batch_loss(qb, pb, None if weights is None else weights[idx])
 
     eval_generator = torch.Generator(device=q.device).manual_seed(seed + 1)
@@ -507,7 +510,7 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
         total, norm = 0.0, 0.0
         for start in range(0, len(q_val), 4096):
             qb = q_val[start: start + 4096]
-            pb = augment_momenta(qb, masses, kT, eval_generator)
+            pb = augment_momenta(qb, momentum_masses, kT, eval_generator)
             wb = torch.ones(len(qb), device=qb.device) if weights_val is None else weights_val[start: start + 4096]
             with torch.no_grad():
                 total += float((wb * -model.log_prob(qb, pb)).sum())
