@@ -271,7 +271,9 @@ class HermiteBiasGrid(torch.nn.Module):
         """
         clamped = torch.clamp(s, self.rangeLow, self.rangeHigh)
         t = torch.addcmul(self.cellOrigin, clamped, self.inverseSpacing)
-        cell = torch.minimum(torch.floor(t), self.lastCell)
+        # fmin, not minimum: a NaN mode must still index a cell. In a frozen module, as openmm-torch runs it, the
+        # out-of-range index that NaN gave crashed the process (segmentation fault) instead of raising.
+        cell = torch.fmin(torch.floor(t), self.lastCell)
         powers = ((t - cell).unsqueeze(-1) ** self.exponents).unsqueeze(-2)
         basis = torch.matmul(powers, self.basisCoefficients).view(s.shape[0], -1)
         weights = basis.index_select(1, self.basisIndex).view(self.weightShape).prod(-1)
@@ -849,6 +851,10 @@ class LatentMetadynamics:
         modes, bias, count, state = self._readouts(context, lastEvaluation=not self._cudaGraphs)
         if not np.isfinite(modes).all():
             modes, bias, count, state = self._readouts(context)
+        if not (np.isfinite(modes).all() and math.isfinite(bias)):
+            raise RuntimeError(f"the CV module returned non-finite modes {modes} (bias {bias}) at step {step}; no "
+                               "hill was deposited, and the bias so far is intact (saveBias). Check the positions "
+                               "(a simulation that blew up) and the CV's input atoms")
         if count != len(self._heightList):
             raise RuntimeError(
                 f"the Context's bias holds {count} hills but this LatentMetadynamics deposited "

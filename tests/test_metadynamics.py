@@ -233,16 +233,30 @@ def test_the_remembered_modes_are_read_once_and_in_float64_from_float32_paramete
     assert math.isnan(call(metadynamics._READ_LAST, torch.float32, [1]))
 
 
-class XCoordinate(torch.nn.Module):
-    """The x coordinate of particle 0 (nm) as a one-mode CV module."""
+def test_a_cv_that_returns_nan_stops_the_run_before_a_hill_poisons_the_grid():
+    system = openmm.System()
+    system.addParticle(1.0)
+    meta = LatentMetadynamics(system, XCoordinate(scale=math.nan), [(-1.0, 1.0)], 0.1, TEMPERATURE, BIAS_FACTOR, 1.0,
+                              5)
+    simulation = app.Simulation(app.Topology(), system, openmm.VerletIntegrator(0.001),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions([[0.1, 0.0, 0.0]])
+    with pytest.raises(RuntimeError, match="non-finite modes"):
+        meta.step(simulation, 5)
+    assert len(meta.getHills()[1]) == 0 and np.all(np.isfinite(meta.getFreeEnergy()._value))
 
-    def __init__(self):
+
+class XCoordinate(torch.nn.Module):
+    """The x coordinate of particle 0 (nm), times ``scale``, as a one-mode CV module."""
+
+    def __init__(self, scale: float = 1.0):
         super().__init__()
         self.num_modes = 1
         self.num_atoms_required = 1
+        self.scale = scale
 
     def forward(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return positions[0, 0:1]
+        return positions[0, 0:1] * self.scale
 
 
 def test_free_energy_of_a_double_well_is_recovered():
