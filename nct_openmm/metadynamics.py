@@ -637,7 +637,8 @@ class LatentMetadynamics:
         ------
         RuntimeError
             When the Context's bias does not hold the hills this object deposited, e.g. a Context created after
-            hills were added in another one (save the bias and load it before creating the new Context).
+            hills were added in another one (save the bias and load it before creating the new Context); or when
+            the CV returns non-finite modes at a deposition (nothing is deposited, the bias so far is intact).
         """
         remaining = _checkedInt(steps, "steps", minimum=0)
         while remaining > 0:
