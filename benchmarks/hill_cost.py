@@ -166,7 +166,8 @@ def printTable(rows):
     for row in rows:
         ours = f"{row['latent_ms']:.3f} ({row['latent_evaluation_ms']:.3f})"
         theirs = f"{row['app_metadynamics_ms']:.3f} ({row['app_metadynamics_evaluation_ms']:.3f})"
-        print(f"{row['modes']:>2} {row['grid']:>7} {row['nodes']:>8} {ours:>22} {theirs:>22} {_ratio(row['speedup']):>7}")
+        ratio = _ratio(row["speedup"])
+        print(f"{row['modes']:>2} {row['grid']:>7} {row['nodes']:>8} {ours:>22} {theirs:>22} {ratio:>7}")
 
 
 if __name__ == "__main__":
