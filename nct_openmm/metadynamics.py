@@ -390,7 +390,7 @@ class LatentMetadynamicsModule(torch.nn.Module):
         self.grid = grid
         self.allModes = modes == list(range(int(cvModule.num_modes)))
         self.register_buffer("modes", torch.tensor(modes, dtype=torch.long))
-        # NaN until the first evaluation, so a read-out of a Context that has not evaluated the force yet is told.
+        # NaN until an evaluation and again after each read: a read-out with nothing new to report is told.
         self.register_buffer("lastModes", torch.full([len(modes)], math.nan, dtype=torch.float64))
         self.register_buffer("lastBias", torch.tensor(math.nan, dtype=torch.float64))
         self.evaluationKind, self.readLastKind = _EVALUATION, _READ_LAST  # TorchScript reads no global ints
@@ -403,13 +403,16 @@ class LatentMetadynamicsModule(torch.nn.Module):
         modeReadouts = [_scalar(r) for r in modeReadouts]
         with torch.no_grad():
             self.grid.addHill(_scalar(hillId), [_scalar(c) for c in centres], _scalar(height))
-        # A captured CUDA graph cannot branch on a parameter; there every read-out evaluates the model.
-        kind = self.evaluationKind if self.grid.branchFree else int(_scalar(readOut))
-        if kind == self.readLastKind:
-            energy = self.lastEvaluation(positions, biasReadout, countReadout, modeReadouts)
+        if self.grid.branchFree:
+            # A captured CUDA graph cannot branch on a parameter: every read-out evaluates the model.
+            energy = self.biasEnergy(positions, boxvectors, biasReadout, countReadout, modeReadouts, False)
         else:
-            remember = kind == self.evaluationKind and not self.grid.branchFree
-            energy = self.biasEnergy(positions, boxvectors, biasReadout, countReadout, modeReadouts, remember)
+            kind = int(_scalar(readOut))
+            if kind == self.readLastKind:
+                energy = self.lastEvaluation(positions, biasReadout, countReadout, modeReadouts)
+            else:
+                energy = self.biasEnergy(positions, boxvectors, biasReadout, countReadout, modeReadouts,
+                                         kind == self.evaluationKind)
         return energy.to(positions.dtype)
 
     def biasEnergy(self, positions: torch.Tensor, boxvectors: Optional[torch.Tensor], biasReadout: torch.Tensor,
@@ -932,8 +935,8 @@ def _parameterOrder(numModes, hillCount, lows, highs):
     the i-th energy parameter derivative in the i-th global parameter.
     """
     readouts = [_BIAS_READOUT, _COUNT_READOUT] + [_modeReadout(k) for k in range(numModes)]
-    parameters = dict.fromkeys(readouts + [_READ_OUT], float(_EVALUATION))
-    parameters.update({_HILL_ID: float(hillCount), _HEIGHT: 0.0})
+    parameters = dict.fromkeys(readouts, 0.0)
+    parameters.update({_READ_OUT: float(_EVALUATION), _HILL_ID: float(hillCount), _HEIGHT: 0.0})
     parameters.update({_centreParameter(k): 0.5 * (lows[k] + highs[k]) for k in range(numModes)})
     return parameters, readouts
 
