@@ -11,9 +11,12 @@ import contextlib
 import os
 from types import SimpleNamespace
 
+import mdtraj
+import numpy as np
 import openmm.unit as unit
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from nct_openmm.data import load_trajectories
 from nct_openmm.simulate import runLangevin
@@ -33,6 +36,28 @@ def torch_threads(n):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def phi_turned(ala2, degrees):
+    """Alanine dipeptide's positions ``(T, n, 3)`` with φ turned by each of ``degrees`` from ``ala2.positions``
+    (an extended structure, φ = ψ = 180°): the atoms on the CA side of the N–CA bond rotate about it."""
+    positions = np.asarray(ala2.positions.value_in_unit(unit.nanometer))
+    topology = mdtraj.Topology.from_openmm(ala2.topology)
+    _, n, ca, _ = mdtraj.compute_phi(mdtraj.Trajectory(positions[None], topology))[0][0]
+    neighbours = {atom.index: set() for atom in topology.atoms}
+    for a, b in topology.bonds:
+        neighbours[a.index].add(b.index)
+        neighbours[b.index].add(a.index)
+    moving, frontier = {ca}, [ca]
+    while frontier:  # breadth first from CA, never back across the N–CA bond
+        frontier = sorted(set().union(*(neighbours[atom] for atom in frontier)) - moving - {n})
+        moving.update(frontier)
+    moving = sorted(moving)
+    axis = (positions[ca] - positions[n]) / np.linalg.norm(positions[ca] - positions[n])
+    turned = np.repeat(positions[None], len(degrees), axis=0)
+    for structure, angle in zip(turned, np.radians(degrees)):
+        structure[moving] = Rotation.from_rotvec(angle * axis).apply(positions[moving] - positions[ca]) + positions[ca]
+    return turned
 
 
 def tiny_estimator(**options):

@@ -17,6 +17,7 @@ from openmm import app, unit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cv_standin import StandInModes  # noqa: E402
+from molecular_fixtures import phi_turned  # noqa: E402
 from nct_openmm.backend import createTorchForce  # noqa: E402
 from nct_openmm.enhanced import SlowModeMetadynamicsSettings, runSlowModeMetadynamics  # noqa: E402
 from nct_openmm.export import slow_mode_module, student_module  # noqa: E402
@@ -93,6 +94,11 @@ def test_shipped_model_cv_matches_reference(ala2, shippedModel, cudaGraphs, kind
         results[platformName] = [energyAndForces(ctx, {5})]
         for seed in (1, 2):  # new positions must reach a captured graph
             ctx.setPositions(perturbed(ala2, seed))
+            results[platformName].append(energyAndForces(ctx, {5}))
+        # φ = 20° and 60°: the heavy atoms' alignment covariance has a negative determinant there, where the GPU's
+        # SVD-free rotation once returned a reflection
+        for positions in phi_turned(ala2, [200.0, 240.0]):
+            ctx.setPositions(positions)
             results[platformName].append(energyAndForces(ctx, {5}))
     for cuda, reference in zip(results["CUDA"], results["Reference"]):
         assertAgree(cuda, reference, 1e-4)

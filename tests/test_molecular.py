@@ -20,21 +20,24 @@ import torch
 from openmm import unit
 from scipy.spatial.transform import Rotation
 
-from molecular_fixtures import ALA2_HEAVY_ATOMS, TEMPERATURE, tiny_estimator, torch_threads
+from molecular_fixtures import ALA2_HEAVY_ATOMS, TEMPERATURE, phi_turned, tiny_estimator, torch_threads
 from nct_openmm.cli import main
 from nct_openmm.core import NCTModel, FlowConfig
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
 from nct_openmm.core.layers import AffineCoupling
+import nct_openmm.export as export_module
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import (PairDistances, kabsch_align, kabsch_align_saving, kabsch_pullback, polar_rotation,
-                                 rotation_generators)
+from nct_openmm.geometry import (PairDistances, _centre_and_covariance, _svd_rotation, kabsch_align, kabsch_align_saving,
+                                 kabsch_pullback, polar_rotation, rotation_generators)
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import builtinSystem, harmonicChainFrequencies, harmonicChainSystem
 
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                             "alanine_dipeptide.pt")
 #: A triclinic box in OpenMM's reduced form (rows a, b, c), each side more than twice the longest bond.
 BOX = np.array([[2.5, 0.0, 0.0], [0.4, 2.6, 0.0], [-0.3, 0.5, 2.8]])
 
@@ -370,21 +373,73 @@ def test_iterative_alignment_equals_the_svd_one_with_its_gradient(ala2_data):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_polar_rotation_has_converged_at_its_default_step_count(dtype):
-    """The default Newton steps give the orthogonal factor that many more steps give, also for ill-conditioned
-    covariances (one or two small singular values: flat or nearly linear selections) and negative determinants, and
-    the SVD's ``U Vᵀ`` where that is well posed."""
+    """The default Newton steps give the rotation that many more steps give, also for ill-conditioned covariances
+    (one or two small singular values: flat or nearly linear selections) and negative determinants, and that is the
+    SVD's proper rotation ``U diag(1, 1, det U Vᵀ) Vᵀ``."""
     generator = torch.Generator().manual_seed(4)
     mirror = np.diag([1.0, 1.0, -1.0])
-    for singular_values in ([1.0, 0.1, 1e-3], [1.0, 1.0, 1e-5], [1.0, 1e-2, 1e-2]):
+    for singular_values in ([1.0, 0.1, 1e-3], [1.0, 1.0, 1e-5], [1.0, 1e-2, 1e-3], [1.0, 1e-3, 1e-5], [1.0, 0.3, 0.25]):
         u, v = (Rotation.random(200, random_state=seed).as_matrix() for seed in (1, 2))
-        u[::2] = u[::2] @ mirror  # half of them closer to the reference's mirror image: improper polar factors
+        u[::2] = u[::2] @ mirror  # half of them with det < 0, where the polar factor of c itself is improper
         c = torch.as_tensor((u * singular_values) @ v.transpose(0, 2, 1) * 0.37, dtype=dtype)
         c = c + 1e-3 * torch.randn(c.shape, generator=generator, dtype=dtype) * singular_values[-1]
         converged = polar_rotation(c, 20)
         assert (polar_rotation(c) - converged).abs().max() <= 4 * torch.finfo(dtype).eps
-        u, _, vh = torch.linalg.svd(c.double())
-        bound = 1e-13 if dtype == torch.float64 else 1e-4
-        assert (converged.double() - u @ vh).abs().max() < bound
+        bound = 1e-12 if dtype == torch.float64 else 1e-4
+        assert (converged.double() - _svd_rotation(c.double())).abs().max() < bound
+        assert torch.linalg.det(converged.double()).sub(1.0).abs().max() < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_iterative_alignment_is_the_kabsch_one_across_negative_covariance_determinants(dtype):
+    """Alanine dipeptide's heavy atoms at φ between about 0° and 150°, aligned to the extended structure (φ = −180°),
+    have a covariance of negative determinant (the heavy atoms are nearly flat): a common case in MD, not a mirror
+    image. The SVD-free rotation that exported CVs use on a GPU must be the proper Kabsch rotation there too, with
+    the same gradient, and so continuous where the determinant passes through zero."""
+    ala2 = builtinSystem("ala2-vacuum")
+    positions = np.asarray(ala2.positions.value_in_unit(unit.nanometer))
+    structures = phi_turned(ala2, np.arange(0.0, 330.0, 3.0))  # φ from −180° through 0° to 150°
+    masses = torch.tensor([ala2.system.getParticleMass(i).value_in_unit(unit.dalton) for i in ALA2_HEAVY_ATOMS],
+                          dtype=torch.float64)
+    reference = torch.as_tensor(positions[ALA2_HEAVY_ATOMS])
+    x = torch.as_tensor(structures[:, ALA2_HEAVY_ATOMS]).requires_grad_()
+    determinants = torch.linalg.det(_centre_and_covariance(x.detach(), reference, masses)[3])
+    assert (determinants < 0).sum() > 30 and (determinants > 0).sum() > 30
+    exact = kabsch_align(x, reference, masses)
+    iterative = kabsch_align(x.to(dtype), reference.to(dtype), masses.to(dtype), iterative=True).double()
+    assert (iterative - exact).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    if dtype == torch.float64:
+        probe = torch.randn(exact.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        gradients = [torch.autograd.grad((aligned * probe).sum(), x, retain_graph=True)[0]
+                     for aligned in (exact, iterative)]
+        assert (gradients[0] - gradients[1]).abs().max() < 1e-9
+
+
+def test_the_shipped_cv_on_the_gpu_code_path_equals_the_cpu_one_at_positive_phi(monkeypatch):
+    """On CUDA tensors the exported CV aligns with :func:`polar_rotation` instead of an SVD. Run that code path on
+    the CPU, in float32 as mixed precision does, at φ = 20°, 60° and 90°: against the shipped model's reference the
+    alignment covariance has a negative determinant there, where the GPU path once returned a reflection and moved
+    the CV by up to 3 units."""
+    cv = SlowModeModule(SlowModeModel.load(SHIPPED_MODEL), 2, torch.float32)
+    structures = torch.as_tensor(phi_turned(builtinSystem("ala2-vacuum"), [200.0, 240.0, 270.0]), dtype=torch.float32)
+
+    def modes_and_gradients():
+        results = []
+        for structure in structures:
+            x = structure.clone().requires_grad_()
+            modes = cv(x).reshape(-1)
+            gradients = [torch.autograd.grad(mode, x, retain_graph=True)[0] for mode in modes]
+            results.append((modes.detach(), torch.stack(gradients)))
+        return results
+
+    svd = modes_and_gradients()
+    for name in ("kabsch_align", "kabsch_align_saving"):
+        function = getattr(export_module, name)
+        monkeypatch.setattr(export_module, name, lambda x, reference, masses, iterative=False, function=function:
+                            function(x, reference, masses, True))
+    for (modes, gradients), (gpu_modes, gpu_gradients) in zip(svd, modes_and_gradients()):
+        np.testing.assert_allclose(gpu_modes, modes, atol=1e-4)
+        np.testing.assert_allclose(gpu_gradients, gradients, atol=1e-4 * float(gradients.abs().max()))
 
 
 @pytest.mark.parametrize("iterative", [False, True])
