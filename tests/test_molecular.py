@@ -30,8 +30,8 @@ from nct_openmm.core.layers import AffineCoupling
 import nct_openmm.export as export_module
 from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import (PairDistances, _centre_and_covariance, _svd_rotation, kabsch_align, kabsch_align_saving,
-                                 kabsch_pullback, polar_rotation, rotation_generators)
+from nct_openmm.geometry import (PairDistances, _centre_and_covariance, _svd_rotation, kabsch_align,
+                                 kabsch_align_saving, kabsch_pullback, polar_rotation, rotation_generators)
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
 from nct_openmm.systems import builtinSystem, harmonicChainFrequencies, harmonicChainSystem
