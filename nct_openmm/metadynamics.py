@@ -145,6 +145,9 @@ class HermiteBiasGrid(torch.nn.Module):
         :attr:`lastHillId`, the id of the last hill it absorbed, tells new hills from ones already in it. The two
         part when a copy of the grid meets a later hill id (a reinitialised Context, a State from another step),
         which is how the driver notices that the grid lost hills.
+    lastHillId : int, optional
+        The id of the last hill in ``values``; ``hillCount`` when omitted. Ids only grow, so after a bias with
+        fewer hills is loaded they run ahead of the count.
     wallForceConstant : float
         κ of the flat-bottom wall outside the range, kJ/mol per squared mode unit.
     branchFree : bool
@@ -162,7 +165,7 @@ class HermiteBiasGrid(torch.nn.Module):
 
     def __init__(self, lows: List[float], highs: List[float], sizes: List[int], widths: List[float],
                  values: Optional[torch.Tensor] = None, hillCount: int = 0, wallForceConstant: float = 0.0,
-                 branchFree: bool = False):
+                 branchFree: bool = False, lastHillId: Optional[int] = None):
         super().__init__()
         self.numModes = len(sizes)
         self.lows = [float(x) for x in lows]
@@ -182,7 +185,8 @@ class HermiteBiasGrid(torch.nn.Module):
             raise ValueError(f"grid values must have shape {(numChannels, numNodes)}, got {tuple(values.shape)}")
         self.register_buffer("values", values.to(torch.float64).clone())
         self.register_buffer("hillCount", torch.tensor(float(hillCount), dtype=torch.float64))
-        self.register_buffer("lastHillId", torch.tensor(float(hillCount), dtype=torch.float64))
+        self.register_buffer("lastHillId", torch.tensor(float(hillCount if lastHillId is None else lastHillId),
+                                                        dtype=torch.float64))
         half = max(self.halfWindows)
         self.register_buffer("offsets", torch.arange(-half, half + 1, dtype=torch.long))
         self.register_buffer("withinCutoff", self.offsets.abs()[None, :] <= torch.tensor(self.halfWindows)[:, None])
@@ -272,8 +276,9 @@ class HermiteBiasGrid(torch.nn.Module):
         clamped = torch.clamp(s, self.rangeLow, self.rangeHigh)
         t = torch.addcmul(self.cellOrigin, clamped, self.inverseSpacing)
         # fmin, not minimum: a NaN mode must still index a cell. In a frozen module, as openmm-torch runs it, the
-        # out-of-range index that NaN gave crashed the process (segmentation fault) instead of raising.
-        cell = torch.fmin(torch.floor(t), self.lastCell)
+        # out-of-range index that NaN gave crashed the process (segmentation fault) instead of raising. At the
+        # lower end t can round to −1e-15, whose cell −1 would wrap to another node.
+        cell = torch.fmin(torch.floor(t), self.lastCell).clamp_min(0.0)
         powers = ((t - cell).unsqueeze(-1) ** self.exponents).unsqueeze(-2)
         basis = torch.matmul(powers, self.basisCoefficients).view(s.shape[0], -1)
         weights = basis.index_select(1, self.basisIndex).view(self.weightShape).prod(-1)
@@ -621,6 +626,9 @@ class LatentMetadynamics:
         self._system, self._cvModule = system, cvModule
         self._periodic, self._cudaGraphs = bool(periodic), bool(cudaGraphs)
         self.forceGroup = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
+        # Hill ids only grow, also across loadBias: a Context that keeps its parameters through reinitialize()
+        # must never announce an id that the new grid takes for a hill it does not hold.
+        self._lastHillId = 0
         self._reset(np.zeros((0, numModes)), np.zeros(0), np.zeros(0, dtype=np.int64), _emptyRecord())
         self.force = self._createForce()
         system.addForce(self.force)
@@ -733,7 +741,7 @@ class LatentMetadynamics:
         grid = self._currentGrid()
         contents = dict(self._settings(), formatVersion=BIAS_FORMAT_VERSION, values=grid.values.numpy(),
                         hillCentres=self._centres, hillHeights=self._heights, hillSteps=self._hillSteps,
-                        torchVersion=torch.__version__, openmmVersion=openmm.__version__)
+                        lastHillId=self._lastHillId, torchVersion=torch.__version__, openmmVersion=openmm.__version__)
         contents.update({f"record_{key}": value for key, value in self.getTimeSeries().items()})
         folder = os.path.dirname(os.path.abspath(path))
         handle, temporary = tempfile.mkstemp(dir=folder, suffix=".npz")
@@ -769,6 +777,9 @@ class LatentMetadynamics:
         record["cv"] = [np.asarray(row) for row in record["cv"]]
         self._reset(contents["hillCentres"], contents["hillHeights"], contents["hillSteps"], record,
                     values=torch.as_tensor(contents["values"]))
+        # Files written before ids could run ahead of the count hold no id: there the two were equal.
+        saved = int(contents.get("lastHillId", len(self._heightList)))
+        self._lastHillId = max(self._lastHillId, saved)
         self._replaceForce()
 
     # -- internals -----------------------------------------------------------------------------------------------
@@ -794,9 +805,9 @@ class LatentMetadynamics:
     def _hillSteps(self):
         return np.array(self._stepList, dtype=np.int64)
 
-    def _newGrid(self, values, hillCount, branchFree=False):
+    def _newGrid(self, values, hillCount, branchFree=False, lastHillId=None):
         return HermiteBiasGrid(self._lows, self._highs, self._sizes, self._widths, values, hillCount,
-                               self._wallForceConstant, branchFree)
+                               self._wallForceConstant, branchFree, lastHillId)
 
     def _currentGrid(self):
         """The driver's grid with every hill folded in (hills are folded lazily, in batches)."""
@@ -809,10 +820,11 @@ class LatentMetadynamics:
         return self._grid
 
     def _createForce(self):
-        grid = self._newGrid(self._currentGrid().values, len(self._heightList), branchFree=self._cudaGraphs)
+        grid = self._newGrid(self._currentGrid().values, len(self._heightList), branchFree=self._cudaGraphs,
+                             lastHillId=self._lastHillId)
         moduleClass = _MetadynamicsModuleBox if self._periodic else _MetadynamicsModuleNoBox
         module = moduleClass(self._cvModule, self._modes, grid)
-        parameters, readouts = _parameterOrder(len(self._modes), len(self._heightList), self._lows, self._highs)
+        parameters, readouts = _parameterOrder(len(self._modes), self._lastHillId, self._lows, self._highs)
         force = createTorchForce(module, periodic=self._periodic, cudaGraphs=self._cudaGraphs,
                                  globalParameters=parameters, energyParameterDerivatives=readouts,
                                  forceGroup=self.forceGroup)
@@ -872,7 +884,8 @@ class LatentMetadynamics:
         for k, value in enumerate(modes):
             context.setParameter(_centreParameter(k), float(value))
         context.setParameter(_HEIGHT, height)
-        context.setParameter(_HILL_ID, count + 1)
+        self._lastHillId += 1
+        context.setParameter(_HILL_ID, self._lastHillId)
         self._centreList.append(modes)
         self._heightList.append(height)
         self._stepList.append(int(step))
@@ -928,7 +941,7 @@ class LatentMetadynamics:
 # Input checks and small helpers
 # ---------------------------------------------------------------------------------------------------------------
 
-def _parameterOrder(numModes, hillCount, lows, highs):
+def _parameterOrder(numModes, lastHillId, lows, highs):
     """Global parameters of the force in the order ``forward`` takes them, and those whose derivatives are read.
 
     The derivative read-outs come first and in the order they are registered: some openmm-torch kernels look up
@@ -936,7 +949,7 @@ def _parameterOrder(numModes, hillCount, lows, highs):
     """
     readouts = [_BIAS_READOUT, _COUNT_READOUT] + [_modeReadout(k) for k in range(numModes)]
     parameters = dict.fromkeys(readouts, 0.0)
-    parameters.update({_READ_OUT: float(_EVALUATION), _HILL_ID: float(hillCount), _HEIGHT: 0.0})
+    parameters.update({_READ_OUT: float(_EVALUATION), _HILL_ID: float(lastHillId), _HEIGHT: 0.0})
     parameters.update({_centreParameter(k): 0.5 * (lows[k] + highs[k]) for k in range(numModes)})
     return parameters, readouts
 

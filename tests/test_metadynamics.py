@@ -297,6 +297,16 @@ def test_branch_free_mode_gives_the_same_bias(ala2):
 
 
 
+def test_a_mode_at_the_lower_end_of_the_range_reads_the_first_cell():
+    """At s = low, the cell coordinate of this grid rounds to −7e-15; its cell must be 0, not −1, which wrapped
+    to the last node (here made huge so that its tiny weight shows)."""
+    grid = metadynamics.HermiteBiasGrid([-5.0], [-1.3], [31], [0.3])
+    assert float(grid.cellOrigin - 5.0 * grid.inverseSpacing) < 0.0
+    grid.values[:, -1] = 1e12
+    bias, total, gradient = grid.evaluate(torch.tensor([[-5.0], [-5.5]], dtype=torch.float64))
+    assert bias.tolist() == [0.0, 0.0] and gradient.tolist() == [[0.0], [0.0]]
+
+
 @pytest.mark.parametrize("numModes", [1, 2, 3])
 def test_every_hill_update_writes_the_truncated_gaussian_and_its_derivatives(numModes):
     """The module's windowed and fixed-shape updates and the driver's dense rebuild, hills inside, at and off edges."""
@@ -460,6 +470,40 @@ def test_a_bias_loaded_into_a_running_simulation_takes_effect_after_reinitialize
         biasEnergy(simulation.context, meta, positions)[0], rel=1e-12)
     running.step(runningSimulation, 5)
     assert len(running.getHills()[1]) == 17
+
+
+def test_a_smaller_bias_loaded_into_a_running_simulation_adds_no_stale_hill(ala2, tmp_path):
+    """The running Context announced more hills than the file holds; it keeps that hill id through reinitialize(),
+    and the new grid must not take it for a hill of its own. A checkpoint saved with a later bias then restarts
+    the run in a fresh System exactly (Verlet on Reference is deterministic)."""
+    def verletSimulation(system):
+        return makeSimulation(ala2, system, integrator=openmm.VerletIntegrator(0.001 * unit.picoseconds))
+
+    system = freshSystem(ala2)
+    meta = makeMeta(system)
+    simulation = verletSimulation(system)
+    meta.step(simulation, 15)
+    early, later = str(tmp_path / "early.npz"), str(tmp_path / "later.npz")
+    meta.saveBias(early)
+    meta.step(simulation, 20)  # 7 hills in the Context
+    meta.loadBias(early)  # 3 hills
+    simulation.context.reinitialize(preserveState=True)
+    positions = perturbedPositions(ala2, np.random.default_rng(5))
+    expected = biasEnergy(makeSimulation(ala2, system).context, meta, positions)[0]  # a Context made after loading
+    assert biasEnergy(simulation.context, meta, positions)[0] == pytest.approx(expected, rel=1e-12)
+    meta.step(simulation, 10)
+    assert len(meta.getHills()[1]) == 5
+    meta.saveBias(later)
+    checkpoint = simulation.context.createCheckpoint()
+    restartedSystem = freshSystem(ala2)
+    restarted = makeMeta(restartedSystem)
+    restarted.loadBias(later)
+    resumed = verletSimulation(restartedSystem)
+    resumed.context.loadCheckpoint(checkpoint)
+    resumed.currentStep = simulation.currentStep
+    restarted.step(resumed, 10)
+    meta.step(simulation, 10)
+    np.testing.assert_allclose(restarted.getHills()[0], meta.getHills()[0], rtol=1e-9, atol=1e-12)
 
 
 def test_a_context_without_the_hills_is_refused(ala2, depositedRun):
