@@ -347,6 +347,28 @@ def test_likelihood_checkpoint_resumes_to_identical_numbers(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_checkpoint_keeps_the_rates_and_moments_but_not_the_optimizer_mode_of_its_run():
+    """An eager run's checkpoint resumed with cuda_graph=True, and the other way round: torch's loader would hand
+    over capturable/fused and the rate's type too, and capture then refuses the optimiser (CUDA only, so checked
+    here on the optimisers themselves)."""
+    model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+    eager = training.flow_optimizer(model, lr=5e-4)
+    model.prior.log_omega.sum().backward()
+    eager.step()
+    captured = training.flow_optimizer(model, capturable=True)
+    rate = captured.param_groups[0]["lr"]
+    training.load_optimizer_state(captured, eager.state_dict())
+    assert [group["capturable"] for group in captured.param_groups] == [True, True]
+    assert captured.param_groups[0]["lr"] is rate  # the tensor a captured step holds
+    assert float(rate) == pytest.approx(5e-4, rel=1e-6)
+    moments = eager.state[model.prior.log_omega]["exp_avg"]
+    assert torch.equal(captured.state[model.prior.log_omega]["exp_avg"], moments)
+    resumed = training.flow_optimizer(model)
+    training.load_optimizer_state(resumed, captured.state_dict())
+    assert [(group["capturable"], group["fused"]) for group in resumed.param_groups] == [(False, True)] * 2
+    assert [group["lr"] for group in resumed.param_groups] == pytest.approx([5e-4, 5e-3], rel=1e-6)
+
+
 def _scheduled_run(offset, evaluations, **options):
     """A Trainer whose monitored loss is ``offset`` plus the given sequence; returns its history."""
     model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))

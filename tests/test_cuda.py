@@ -204,9 +204,27 @@ def test_likelihood_training_on_the_gpu_recovers_gaussian_frequencies(cudaGraph)
     sigma = torch.tensor([2.0, 1.0, 0.5])
     q = (torch.randn(4096, 3, generator=generator) * sigma).to(device)
     model = NCTModel(FlowConfig(dim=3, n_couplings=2, hidden=16, linear_point=not cudaGraph)).to(device)
-    history = fit_likelihood(model, q, max_steps=400, lr=3e-3, progress=False, cuda_graph=cudaGraph)
+    weights = torch.ones(len(q))  # on the CPU: they follow the frames to the GPU
+    history = fit_likelihood(model, q, weights=weights, max_steps=400, lr=3e-3, progress=False, cuda_graph=cudaGraph)
     assert len(history.val_loss) >= 20 and all(np.isfinite(history.train_loss))
     assert torch.allclose(model.frequencies().cpu(), torch.sort(1 / q.std(0)).values.cpu(), rtol=0.03)
+
+
+def test_an_eager_checkpoint_resumes_replayed_from_a_cuda_graph(tmp_path):
+    from nct_openmm.core import FlowConfig, NCTModel, fit_likelihood
+
+    device = cudaDeviceOrSkip()
+    q = torch.randn(1024, 3, generator=torch.Generator().manual_seed(1)).to(device) * 0.5
+    config = FlowConfig(dim=3, n_couplings=2, hidden=16, linear_point=False)
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    options = dict(lr=3e-3, checkpoint=checkpoint, progress=False)
+    fit_likelihood(NCTModel(config).to(device), q, max_steps=40, **options)
+    model = NCTModel(config).to(device)
+    history = fit_likelihood(model, q, max_steps=300, cuda_graph=True, **options)
+    resumed = history.step.index(40)
+    assert history.step[-1] > 40 and all(np.isfinite(history.train_loss))
+    assert min(history.val_loss[resumed + 1:]) < history.val_loss[resumed]
+    assert torch.allclose(model.frequencies().cpu(), torch.full((3,), 2.0), rtol=0.1)
 
 
 def test_variational_training_replayed_from_a_cuda_graph_finds_the_frequencies():

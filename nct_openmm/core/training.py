@@ -4,6 +4,7 @@ against a Hamiltonian (paper Eq. 5).
 Units: the core works in reduced units, ``β = 1``. Molecular data are brought there once, at load time, by
 :mod:`nct_openmm.data` (mass-weighted, divided by ``√kT``); toy Hamiltonians are written in them directly.
 """
+import contextlib
 import copy
 import hashlib
 import math
@@ -112,6 +113,31 @@ def flow_optimizer(model: NCTModel, lr: float = 1e-3, frequency_lr_factor: float
     fused = not capturable and device.type in ("cpu", "cuda")
     return torch.optim.Adam([{"params": other, "lr": rates[0]}, {"params": frequency_params, "lr": rates[1]}],
                             capturable=capturable, fused=fused or None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping how ``optimizer`` runs.
+
+    torch's loader replaces every group's settings with the saved ones, ``capturable``, ``fused`` and the type of
+    ``lr`` included: a checkpoint of an eager run would make a CUDA-graph run's optimiser refuse capture, and one
+    of a captured run would give an eager run device-tensor rates. The saved rates and moments are kept.
+
+    Examples
+    --------
+    >>> model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
+    >>> captured = flow_optimizer(model, capturable=True)
+    >>> load_optimizer_state(captured, flow_optimizer(model, lr=5e-4).state_dict())
+    >>> [(group["capturable"], round(float(group["lr"]), 6)) for group in captured.param_groups]
+    [(True, 0.0005), (True, 0.005)]
+    """
+    modes = [{key: group[key] for key in ("capturable", "fused")} for group in optimizer.param_groups]
+    rate_tensors = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, mode, tensor in zip(optimizer.param_groups, modes, rate_tensors):
+        group.update(mode)
+        rate = float(group["lr"])
+        # The same tensor, filled in place: a captured step may already hold it.
+        group["lr"] = rate if tensor is None else tensor.fill_(rate)
 
 
 class CompiledLoss:
@@ -263,8 +289,10 @@ class Trainer:
         self.optimizer = flow_optimizer(model, lr, frequency_lr_factor, capturable=cuda_graph)
         self.lr_patience, self.lr_factor = lr_patience, lr_factor
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._device = device
         if cuda_graph:
-            torch.cuda.manual_seed(seed)
+            with self._on_model_device():
+                torch.cuda.manual_seed(seed)
         self.eval_every, self.patience, self.min_lr = eval_every, patience, min_lr
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.progress, self.description = progress, description
@@ -284,7 +312,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.generator.set_state(state["generator"])
         self.history = TrainingHistory(**state["history"])
         self.step_count, self._stale, self._best_state = state["step"], state["stale"], state["best_state"]
@@ -339,6 +367,15 @@ class Trainer:
 
     def _run_steps(self, max_steps: int, bar, start: float) -> None:
         step = self._captured_step() if self.cuda_graph else self._eager_step
+        with self._on_model_device():
+            self._step_until(step, max_steps, bar, start)
+
+    def _on_model_device(self):
+        """The model's CUDA device made current for a captured run: streams, graphs and the default generator act
+        on the current device, which need not be the model's."""
+        return torch.cuda.device(self._device) if self.cuda_graph else contextlib.nullcontext()
+
+    def _step_until(self, step: Callable[[], Tensor], max_steps: int, bar, start: float) -> None:
         while self.step_count < max_steps and not self.history.stopped:
             self._running.append(step())
             self.step_count += 1
@@ -482,6 +519,9 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
         raise ValueError(f"{len(q)} training frames are fewer than one batch of {batch_size}")
     q_val = q if q_val is None else q_val
     weights_val = weights if q_val is q and weights_val is None else weights_val
+    # Weights go where their frames are: indexed by device-side batch indices, they must be on that device.
+    weights = None if weights is None else torch.as_tensor(weights, device=q.device)
+    weights_val = None if weights_val is None else torch.as_tensor(weights_val, device=q_val.device)
     order = {"perm": torch.empty(0, dtype=torch.long), "pos": 0}
     batch_loss = _maybe_compiled(lambda qb, pb, wb: negative_log_likelihood(model, qb, pb, wb), compile_loss,
                                  trainer_options)
