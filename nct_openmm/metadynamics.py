@@ -728,7 +728,7 @@ class LatentMetadynamics:
             ``step`` (n,), ``time_ps`` (n,), ``cv`` (n, K), ``bias_kj_mol`` (n,) (the bias at the CV point just
             before the hill) and ``height_kj_mol`` (n,). ``step`` and ``time_ps`` say when the hill was deposited;
             ``cv``, its centre, is the point of the last evaluation before it, usually one (outer) step earlier
-            (see the module documentation).
+            (see the module documentation); with ``cudaGraphs=True``, the point at the deposition.
         """
         series = {key: np.array(value) for key, value in self._record.items()}
         series["cv"] = series["cv"].reshape(-1, len(self._modes))

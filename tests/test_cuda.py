@@ -125,12 +125,15 @@ def test_latent_bias_restraint_and_readout_match_reference(ala2, shippedModel, c
     np.testing.assert_allclose(readouts["CUDA"], readouts["Reference"], atol=1e-4)
 
 
+@pytest.mark.parametrize("numModes", [1, 2, 3])
 @pytest.mark.parametrize("cudaGraphs", [False, True])
-def test_metadynamics_hills_arrive_and_match_reference(ala2, cudaGraphs, tmp_path):
-    """Hills deposited on CUDA equal those of the driver, and the CUDA bias equals a Reference bias loaded from it."""
-    cv = StandInModes([1, 4, 6, 8, 14, 16], num_modes=2)
+def test_metadynamics_hills_arrive_and_match_reference(ala2, cudaGraphs, numModes, tmp_path):
+    """Hills deposited on CUDA equal those of the driver, and the CUDA bias equals a Reference bias loaded from it,
+    for every number of modes (the fixed-shape deposit of a captured graph orders its channels by mode)."""
+    cv = StandInModes([1, 4, 6, 8, 14, 16], num_modes=numModes)
+    ranges = [(-3.0, 3.0)] * numModes
     system = openmm.XmlSerializer.clone(ala2.system)
-    meta = LatentMetadynamics(system, cv, [(-3.0, 3.0)] * 2, 0.4, TEMPERATURE, 6.0, 3.0, 5, cudaGraphs=cudaGraphs)
+    meta = LatentMetadynamics(system, cv, ranges, 0.4, TEMPERATURE, 6.0, 3.0, 5, cudaGraphs=cudaGraphs)
     platform = cudaOrSkip()
     integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 5.0, 0.002)
     simulation = app.Simulation(ala2.topology, system, integrator, platform, platformProperties(platform))
@@ -140,7 +143,7 @@ def test_metadynamics_hills_arrive_and_match_reference(ala2, cudaGraphs, tmp_pat
     path = str(tmp_path / "bias.npz")
     meta.saveBias(path)
     referenceSystem = openmm.XmlSerializer.clone(ala2.system)
-    reference = LatentMetadynamics(referenceSystem, cv, [(-3.0, 3.0)] * 2, 0.4, TEMPERATURE, 6.0, 3.0, 5)
+    reference = LatentMetadynamics(referenceSystem, cv, ranges, 0.4, TEMPERATURE, 6.0, 3.0, 5)
     reference.loadBias(path)
     referenceContext = context(referenceSystem, ala2.positions, "Reference")
     for seed in range(3):
