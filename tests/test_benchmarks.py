@@ -139,11 +139,11 @@ def test_gpu_operations_quick(tmp_path, restoredTorchState):
         assert row["evaluation"] > sum(row[part] for part in parts)
         # What is counted is the CUDA code path: the SVD-free alignment.
         assert row["svd_free"]
-    # Kernel counts are deterministic for the pinned torch (RESULTS.md sections 1e, 1f): guards against a change
+    # Kernel counts are deterministic for the pinned torch (RESULTS.md sections 1e, 1f, 1g): guards against a change
     # that lengthens the chain of kernels of a captured graph again (e.g. per-mode hill windows, 55; a gather and a
     # scatter around every coupling, 289).
-    assert rows["student"]["input"] <= 71 and rows["student"]["hill_update"] <= 35
+    assert rows["student"]["input"] <= 76 and rows["student"]["hill_update"] <= 35
     assert rows["flow"]["network"] <= 239
     # A student on distances needs no alignment: a handful of operations in front of its network.
     assert rows["student-distances"]["input"] + rows["student-distances"]["input_pullback"] <= 8
-    assert rows["student-distances"]["evaluation"] <= 105
+    assert rows["student-distances"]["evaluation"] <= 106
