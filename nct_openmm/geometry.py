@@ -151,11 +151,17 @@ def _differentiable_rotation(rotation: Tensor, covariance: Tensor) -> Tensor:
 
 
 def _rotation_response(rotation: Tensor, covariance: Tensor) -> Tensor:
-    """``S = ((tr P) I − P)⁻¹`` with ``P = Rᵀ C``: how the optimal rotation turns, ``ω = S vec(Rᵀ dC − dCᵀ R)``."""
+    """``S = ((tr P) I − P)⁻¹`` with ``P = Rᵀ C``: how the optimal rotation turns, ``ω = S vec(Rᵀ dC − dCᵀ R)``.
+
+    For a linear selection (two atoms, or a linear reference) ``(tr P) I − P`` is singular: a turn about the axis
+    moves no atom. A relative 1e-6 (float32) or 1e-12 (float64) added to the diagonal keeps that turn finite, where
+    the exact inverse made the gradient 0 · ∞ = NaN; elsewhere it changes the derivative by as little.
+    """
     p = rotation.transpose(-1, -2) @ covariance
     trace = p.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     eye = torch.eye(3, dtype=p.dtype, device=p.device)
-    return torch.linalg.inv_ex(trace * eye - p)[0]
+    diagonal = 1.0 + (1e-6 if p.dtype == torch.float32 else 1e-12)
+    return torch.linalg.inv_ex(torch.addcmul(-p, trace, eye, value=diagonal))[0]
 
 
 #: Newton steps of :func:`polar_rotation` in float32 and in float64. The iterated matrix has a condition number of
@@ -181,7 +187,8 @@ def polar_rotation(c: Tensor, iterations: Optional[int] = None) -> Tensor:
     ``X ← (γX + (γX)⁻ᵀ)/2`` with determinant scaling ``γ = |det X|^(−1/3)``; ``iterations`` defaults to
     :data:`POLAR_ITERATIONS_FLOAT32` or :data:`POLAR_ITERATIONS_FLOAT64` by the dtype of ``c``. The inverse transpose
     of a 3×3 matrix is its cofactor matrix over its determinant, so every step is a handful of elementwise
-    operations: free of host synchronisation.
+    operations: free of host synchronisation. ``c`` needs rank 2 at least: the covariance of two atoms, or of a
+    linear reference, gives NaN here (the SVD route aligns those).
 
     Examples
     --------

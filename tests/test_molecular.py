@@ -460,6 +460,31 @@ def test_kabsch_pullback_is_the_alignment_gradient(ala2_data, iterative):
                                    rtol=1e-10, atol=1e-12)
 
 
+def test_the_alignment_pullback_of_a_linear_selection_is_finite():
+    """Two atoms: a turn about the bond moves neither, and the rotation's response to C is singular there. The
+    pullback must still be the gradient (finite differences), not NaN, which it was for a few percent of frames.
+    (The GPU code path cannot align a linear selection at all: see polar_rotation.)"""
+    generator = torch.Generator().manual_seed(2)
+    masses = torch.tensor([12.0, 16.0], dtype=torch.float64)
+    reference = torch.tensor([[0.0, 0.0, -0.065], [0.0, 0.0, 0.057]], dtype=torch.float64)
+    structures = reference + 0.03 * torch.randn(400, 2, 3, generator=generator, dtype=torch.float64)
+    probe = torch.randn(1, 2, 3, generator=generator, dtype=torch.float64)
+    pullbacks = []
+    for structure in structures:
+        _, saved = kabsch_align_saving(structure, reference, masses)
+        pullbacks.append(kabsch_pullback(saved, probe, rotation_generators())[0])
+    assert torch.isfinite(torch.stack(pullbacks)).all()
+    step = 1e-6
+    for structure, pullback in zip(structures[:20], pullbacks):
+        numerical = torch.zeros(2, 3, dtype=torch.float64)
+        for atom, axis in np.ndindex(2, 3):
+            shift = torch.zeros(2, 3, dtype=torch.float64)
+            shift[atom, axis] = step
+            ends = [(kabsch_align(structure + sign * shift, reference, masses) * probe[0]).sum() for sign in (1, -1)]
+            numerical[atom, axis] = (ends[0] - ends[1]) / (2 * step)
+        np.testing.assert_allclose(pullback.numpy(), numerical.numpy(), atol=1e-7)
+
+
 class _AlignedProbe(torch.nn.Module):
     def __init__(self, reference, masses, probe):
         super().__init__()
