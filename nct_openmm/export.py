@@ -63,6 +63,10 @@ class AlignedInput(_SelectedAtoms):
     def __init__(self, frame, pre: AffinePoint, dtype: torch.dtype, order: Optional[Tensor] = None):
         super().__init__(frame, dtype)
         self.align = frame.align
+        if frame.align and frame.dim > 3 * len(frame.atom_indices) - 6:  # 3n − 5: a linear reference
+            warnings.warn(f"the CV's {len(frame.atom_indices)} selected atoms have a linear reference: it aligns on "
+                          "the CPU and Reference platforms, but its SVD-free alignment on CUDA gives NaN there; "
+                          "select at least three atoms not on a line", stacklevel=3)
         self.register_buffer("masses", frame.masses.to(dtype))
         self.register_buffer("reference", frame.reference.to(dtype))
         in_matrix, in_shift = _fused_input(frame, pre)

@@ -26,11 +26,11 @@ from nct_openmm.core import NCTModel, FlowConfig
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
-from nct_openmm.core.layers import AffineCoupling
+from nct_openmm.core.layers import AffineCoupling, AffinePoint
 import nct_openmm.export as export_module
-from nct_openmm.export import SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
+from nct_openmm.export import AlignedInput, SlowModeModule, StudentModule, export_slow_modes, slow_mode_module
 from nct_openmm.forces import SlowModeCV
-from nct_openmm.geometry import (PairDistances, _centre_and_covariance, _svd_rotation, kabsch_align,
+from nct_openmm.geometry import (InternalFrame, PairDistances, _centre_and_covariance, _svd_rotation, kabsch_align,
                                  kabsch_align_saving, kabsch_pullback, polar_rotation, rotation_generators)
 from nct_openmm.simulate import runLangevin
 from nct_openmm.slowmodes import SlowModeModel
@@ -483,6 +483,13 @@ def test_the_alignment_pullback_of_a_linear_selection_is_finite():
             ends = [(kabsch_align(structure + sign * shift, reference, masses) * probe[0]).sum() for sign in (1, -1)]
             numerical[atom, axis] = (ends[0] - ends[1]) / (2 * step)
         np.testing.assert_allclose(pullback.numpy(), numerical.numpy(), atol=1e-7)
+
+
+def test_exporting_a_cv_of_a_linear_selection_warns_that_cuda_cannot_align_it():
+    frame = InternalFrame([0, 1], torch.tensor([12.0, 16.0]), torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.12]]), 2.5)
+    pre = AffinePoint(torch.zeros(frame.dim), torch.eye(frame.dim), torch.ones(frame.dim))
+    with pytest.warns(UserWarning, match="linear reference.*CUDA gives NaN"):
+        AlignedInput(frame, pre, torch.float32)
 
 
 class _AlignedProbe(torch.nn.Module):
