@@ -17,7 +17,7 @@ import openmm.app as app
 import openmm.unit as unit
 import torch
 
-from nct_openmm.analysis import (basin_free_energy, count_transitions, free_energy_surface,
+from nct_openmm.analysis import (basin_free_energy, count_transitions, free_energy_surface, in_upper_basin,
                                  plot_free_energy_surface)
 from nct_openmm.data import BOLTZMANN
 from nct_openmm.export import slow_mode_module, student_module
@@ -37,7 +37,9 @@ class SlowModeMetadynamicsSettings:
     """Well-tempered metadynamics on the ``modes`` slowest modes (unit-variance ε = ωQ, so one ``width`` fits all).
 
     ``margin`` widens the training range of every mode on both sides (in mode units) to make the bias grid; a
-    flat-bottom wall of ``wallForceConstant`` (kJ/mol per squared mode unit) keeps the modes inside it.
+    flat-bottom wall of ``wallForceConstant`` (kJ/mol per squared mode unit) keeps the modes inside it. Frames of the
+    first ``discard`` fraction get reweighting factor 0, as in
+    :class:`nct_openmm.simulate.DihedralMetadynamics`: the bias there is still far from its final shape.
 
     Speed (``benchmarks/bias_overhead.py``): ``student`` evaluates a small network distilled from the flow
     (:func:`nct_openmm.export.student_module`; its errors go into the summary) instead of the flow;
@@ -63,6 +65,7 @@ class SlowModeMetadynamicsSettings:
     studentFeatures: str = "internal"  # what it reads: "internal" or "distances" (no alignment; see student_module)
     biasStride: int = 1  # apply the bias every n-th step (multiple time stepping)
     cudaGraphs: bool = True  # capture the bias in a CUDA graph when the platform is CUDA
+    discard: float = 0.1
 
 
 def checkModelForSystem(model, molecularSystem, temperature):
@@ -142,6 +145,9 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                          f"steps), got {settings.biasStride}")
     if settings.naive and settings.biasStride > 1:
         raise ValueError("the naive comparison (app.Metadynamics) runs every step; it takes no bias stride")
+    if not 0.0 <= settings.discard < 1.0:
+        raise ValueError(f"discard is the fraction of early frames left out of the reweighting, in [0, 1), got "
+                         f"{settings.discard}")
     chosenPlatform = getPlatform(platform)
     cudaGraphs = settings.cudaGraphs and chosenPlatform.getName() == "CUDA"
     studentReport = None
@@ -176,7 +182,7 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
                                stepsPerFrame * 50, progress, "metadynamics")
     biasAt = _biasFunction(bias, cv, settings, temperature)
     weights = _reweightingFactors(biasAt, cv, os.path.join(outDir, "traj.dcd"), os.path.join(outDir, "top.pdb"),
-                                  temperature, periodic)
+                                  temperature, periodic, settings.discard)
     np.savetxt(os.path.join(outDir, "weights.txt"), weights, fmt="%.8g")
     if not settings.naive:
         bias.saveBias(os.path.join(outDir, "bias.npz"))
@@ -210,20 +216,22 @@ def _biasFunction(bias, cv, settings, temperature):
         return bias.getBias
     free = np.asarray(bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole))
     grids = [np.linspace(v.minValue, v.maxValue, v.gridWidth) for v in bias.variables]
-    factor = -(settings.biasFactor - 1.0) / settings.biasFactor
+    factor = -(settings.biasFactor - 1.0) / settings.biasFactor  # getFreeEnergy() is −γ/(γ − 1) · V
     from scipy.interpolate import RegularGridInterpolator
 
-    # app.Metadynamics orders its grid axes last variable first.
-    interpolator = RegularGridInterpolator(grids[::-1], factor * (free - free.min()), bounds_error=False,
-                                           fill_value=None)
+    # app.Metadynamics orders its grid axes last variable first. Outside its grid OpenMM's tabulated function is
+    # 0: frames there ran without bias and get none.
+    interpolator = RegularGridInterpolator(grids[::-1], factor * free, bounds_error=False, fill_value=0.0)
     return lambda values: interpolator(np.asarray(values)[:, ::-1])
 
 
-def _reweightingFactors(biasAt, cv, trajectory, topology, temperature, periodic):
-    """``exp(V(s_t)/kT)`` per saved frame with the final bias, normalised to mean 1."""
+def _reweightingFactors(biasAt, cv, trajectory, topology, temperature, periodic, discard):
+    """``exp(V(s_t)/kT)`` per saved frame with the final bias, 0 for the first ``discard`` fraction, normalised to
+    mean 1."""
     traj = mdtraj.load(trajectory, top=topology)
     values = modeValues(cv, traj, periodic)
     logWeights = np.asarray(biasAt(values), dtype=float) / (BOLTZMANN * temperature)
+    logWeights[: int(discard * len(logWeights))] = -np.inf
     weights = np.exp(logWeights - logWeights.max())
     return weights * len(weights) / weights.sum()
 
@@ -253,8 +261,8 @@ def writeDihedralFreeEnergy(trajectory, topology, temperature, weights, outDir, 
 def _writeModeOutputs(bias, outDir):
     series = bias.getTimeSeries()
     header = "step time_ps " + " ".join(f"s{k}" for k in range(series["cv"].shape[1])) + " bias_kj_mol height_kj_mol"
-    table = np.column_stack([series["step"], series["time_ps"], series["cv"], series["bias_kj_mol"],
-                             series["height_kj_mol"]]) if len(series["step"]) else np.zeros((0, 4))
+    columns = [series["step"], series["time_ps"], series["cv"], series["bias_kj_mol"], series["height_kj_mol"]]
+    table = np.column_stack(columns) if len(series["step"]) else np.zeros((0, 4 + series["cv"].shape[1]))
     np.savetxt(os.path.join(outDir, "cv.txt"), table, header=header, fmt="%.6g")
     fes = bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole)
     grids = bias.getGridPoints()
@@ -272,14 +280,16 @@ def summarizeRun(trajectory, topology, temperature, weights=None):
     -------
     dict
         ``phi_transitions`` (committed crossings between the Φ<0 and Φ>0 basin cores), ``frames``, ``delta_f`` and
-        ``delta_f_error`` (kJ/mol, block averaging over 5 blocks), ``phi_positive_fraction`` (weighted).
+        ``delta_f_error`` (kJ/mol, block averaging over 5 blocks), ``phi_positive_fraction`` (weighted). The Φ>0
+        basin is 0° < Φ < 120° (C7ax, αL; :data:`nct_openmm.analysis.dihedrals.UPPER_BASIN`), the other one the rest
+        of the circle.
     """
     traj = mdtraj.load(trajectory, top=topology)
     phi = mdtraj.compute_phi(traj)[1][:, 0]
     kT = BOLTZMANN * temperature
     w = None if weights is None else np.asarray(weights, dtype=float)
     deltaF, error = basin_free_energy(phi, kT, weights=w)
-    fraction = float(np.average(phi > 0, weights=w))
+    fraction = float(np.average(in_upper_basin(phi), weights=w))
     return {"phi_transitions": int(count_transitions(phi)), "frames": int(len(phi)), "delta_f": float(deltaF),
             "delta_f_error": float(error), "phi_positive_fraction": fraction, "temperature": temperature}
 

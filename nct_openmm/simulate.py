@@ -20,6 +20,7 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
+from scipy.interpolate import RegularGridInterpolator
 from tqdm import tqdm
 
 from nct_openmm.systems import getPlatform, platformProperties, valueInUnit
@@ -201,15 +202,15 @@ def _writeReweightingFactors(bias, trajectoryPath, topologyPath, temperatureK, s
     """Final-bias reweighting factors ``exp(V(s_t)/kT)`` for every saved frame; see :class:`DihedralMetadynamics`."""
     traj = mdtraj.load(trajectoryPath, top=topologyPath)
     angles = np.stack([mdtraj.compute_phi(traj)[1][:, 0], mdtraj.compute_psi(traj)[1][:, 0]], axis=1)
-    # getFreeEnergy() is −(T + ΔT)/ΔT · V on the (Ψ, Φ)-indexed grid; recover V and look it up per frame.
+    # getFreeEnergy() is −(T + ΔT)/ΔT · V on the (Ψ, Φ)-indexed grid; recover V and interpolate it per frame,
+    # bilinearly between the nodes, which span [−π, π] with both ends (the force itself uses a bicubic spline;
+    # the nearest node, used before, was off by up to half a node spacing: about 0.5 kT on a 5° grid).
     free = np.asarray(bias.getFreeEnergy().value_in_unit(unit.kilojoule_per_mole))
     deltaT = temperatureK * (settings.biasFactor - 1.0)
-    factor = deltaT / (temperatureK + deltaT)
-    biasGrid = -factor * (free - free.min())
-    n = biasGrid.shape[0]
-    index = np.clip(np.round((angles + math.pi) / (2 * math.pi) * (n - 1)).astype(int), 0, n - 1)
+    biasGrid = -deltaT / (temperatureK + deltaT) * free
+    nodes = np.linspace(-math.pi, math.pi, biasGrid.shape[0])
     kT = 0.0083144626181532 * temperatureK
-    logWeights = biasGrid[index[:, 1], index[:, 0]] / kT
+    logWeights = RegularGridInterpolator((nodes, nodes), biasGrid)(angles[:, ::-1]) / kT
     weights = np.exp(logWeights - logWeights.max())
     weights[: int(settings.discard * len(weights))] = 0.0
     weights *= len(weights) / weights.sum()

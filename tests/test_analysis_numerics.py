@@ -220,6 +220,15 @@ def test_basin_free_energy_of_known_populations():
     assert 0.0 < error < 0.1
 
 
+def test_the_beta_basin_wraps_across_180_degrees():
+    """An unbiased run in the C7eq/β basin reaches Φ ≈ +175° now and then; those frames are not C7ax. Splitting the
+    basins at ±180° gave such a run, which never visited C7ax, a finite ΔF."""
+    phi = np.deg2rad(np.concatenate([np.full(995, -80.0), np.full(5, 175.0)]))
+    assert analysis.basin_free_energy(phi, KT)[0] == np.inf
+    phi[:250] = np.deg2rad(110.0)  # the upper basin reaches the barrier top at 120°
+    assert analysis.basin_free_energy(phi, KT)[0] == pytest.approx(KT * np.log(3.0), rel=1e-12)
+
+
 def test_block_error_matches_the_binomial_error_of_independent_frames():
     rng = np.random.default_rng(1)
     p, n = 0.3, 20_000

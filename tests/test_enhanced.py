@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
+import numpy as np
+import openmm.unit as unit
 import pytest
 
 from nct_openmm.cli import main
-from nct_openmm.enhanced import (SlowModeMetadynamicsSettings, TemperatureMismatchWarning, checkModelForSystem,
-                                 runSlowModeMetadynamics)
+from nct_openmm.enhanced import (SlowModeMetadynamicsSettings, TemperatureMismatchWarning, _biasFunction,
+                                 checkModelForSystem, runSlowModeMetadynamics)
 from nct_openmm.systems import builtinSystem, harmonicChainSystem
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -50,12 +53,26 @@ def test_metadynamics_run_deposits_hills_and_writes_outputs(ala2_model, tmp_path
         written = json.load(handle)
     for key in ("ns", "ns_per_day", "phi_transitions", "delta_f", "delta_f_error"):
         assert key in written
+    weights = np.loadtxt(tmp_path / "weights.txt")
+    assert np.all(weights[:4] == 0.0) and np.all(weights[4:] > 0.0)  # the first tenth is discarded
     if not naive:
-        import numpy as np
-
         cv = np.loadtxt(tmp_path / "cv.txt")
         assert cv.shape == (100, 6)  # a hill every 20 of 2000 steps: step, time, 2 modes, bias, height
         assert np.all(np.diff(cv[:, 0]) == 20)
+
+
+def test_the_naive_bias_is_the_grid_inside_and_zero_outside():
+    """app.Metadynamics's tabulated bias is 0 outside its grid (OpenMM's tabulated functions are), so frames there
+    get no bias: not an extrapolated one, nor one shifted by the grid's minimum."""
+    variables = [SimpleNamespace(minValue=-1.0, maxValue=1.0, gridWidth=5), SimpleNamespace(minValue=0.0,
+                                                                                             maxValue=2.0, gridWidth=3)]
+    bias = 2.0 + np.arange(15.0).reshape(3, 5)  # V on the grid, axes last variable first
+    settings = SlowModeMetadynamicsSettings(naive=True, biasFactor=6.0)
+    free = -settings.biasFactor / (settings.biasFactor - 1.0) * bias
+    naive = SimpleNamespace(variables=variables, getFreeEnergy=lambda: free * unit.kilojoule_per_mole)
+    biasAt = _biasFunction(naive, None, settings, 300.0)
+    np.testing.assert_allclose(biasAt(np.array([[-1.0, 0.0], [0.5, 2.0], [0.25, 1.0]])), [2.0, 15.0, 9.5])
+    np.testing.assert_array_equal(biasAt(np.array([[1.5, 1.0], [0.0, -0.1]])), [0.0, 0.0])
 
 
 def test_metad_cli_errors(ala2_model, tmp_path, capsys):
@@ -90,8 +107,6 @@ def test_alanine_dipeptide_example_small_setting(ala2_model, tmp_path):
 
 def test_student_cv_with_multiple_time_stepping(ala2_model, tmp_path):
     """The fast path of 'nct metad': a distilled CV applied every 4th step; hills and frames keep their schedule."""
-    import numpy as np
-
     settings = SlowModeMetadynamicsSettings(modes=2, frequency=25, height=2.0, student=True, studentSteps=200,
                                             biasStride=5)
     summary = runSlowModeMetadynamics(ala2_model.model, builtinSystem("ala2-vacuum"), str(tmp_path), 0.004,

@@ -8,7 +8,7 @@
   latent interpolation and mode scans. It runs the flow, so it needs torch; its names are imported on first use,
   which keeps ``import nct_openmm.analysis`` free of torch.
 """
-from .dihedrals import backbone_dihedrals, basin_free_energy, count_transitions, free_energy_surface
+from .dihedrals import backbone_dihedrals, basin_free_energy, count_transitions, free_energy_surface, in_upper_basin
 from .information import mutual_information, mutual_information_matrix
 from .pca import HarmonicPCA, harmonic_pca
 from .plots import (largest_gap, plot_free_energy_surface, plot_mutual_information, plot_ramachandran,
@@ -22,6 +22,7 @@ __all__ = [
     "backbone_dihedrals",
     "count_transitions",
     "basin_free_energy",
+    "in_upper_basin",
     "free_energy_surface",
     "largest_gap",
     "plot_spectrum",

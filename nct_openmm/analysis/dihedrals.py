@@ -1,16 +1,20 @@
 """Backbone dihedrals of a dipeptide: transitions, basin free energies and free energy surfaces.
 
-The defaults describe alanine dipeptide, whose metastable states split by the sign of Φ: C7eq, β and αR at Φ < 0,
-C7ax and αL near Φ ≈ +60°. Angles are in radians throughout, energies in the units of ``kT``.
+The defaults describe alanine dipeptide, whose metastable states fall into two Φ basins: C7ax and αL near
+Φ ≈ +60°, between barriers at Φ ≈ 0° and Φ ≈ 120°, and C7eq, β and αR on the rest of the circle (β wraps across
+±180°). Angles are in radians throughout, energies in the units of ``kT``.
 """
 import mdtraj
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["backbone_dihedrals", "count_transitions", "basin_free_energy", "free_energy_surface"]
+__all__ = ["backbone_dihedrals", "count_transitions", "basin_free_energy", "in_upper_basin", "free_energy_surface"]
 
 LOWER_CORE = (np.deg2rad(-150.0), np.deg2rad(-30.0))
 UPPER_CORE = (np.deg2rad(30.0), np.deg2rad(100.0))
+#: The Φ > 0 basin (C7ax, αL), from barrier top to barrier top. Splitting at ±180° instead counted frames of the β
+#: basin near Φ = +180° as C7ax: a finite ΔF for a run that never visited C7ax.
+UPPER_BASIN = (0.0, np.deg2rad(120.0))
 
 
 def _wrap(angles):
@@ -113,6 +117,18 @@ def count_transitions(phi, lower_core=LOWER_CORE, upper_core=UPPER_CORE):
     return int(np.count_nonzero(np.diff(visited)))
 
 
+def in_upper_basin(phi, upper_basin=UPPER_BASIN):
+    """Whether each Φ (radians, wrapped to (−π, π] first) lies in the Φ > 0 basin ``(lo, hi)``.
+
+    Examples
+    --------
+    >>> in_upper_basin(np.deg2rad([-80.0, 60.0, 175.0, -179.0])).tolist()
+    [False, True, False, False]
+    """
+    phi = _wrap(phi)
+    return (phi > upper_basin[0]) & (phi < upper_basin[1])
+
+
 def _basin_log_weights(phi, weights, log_weights):
     """Per-frame log-weights from at most one of linear or logarithmic weights.
 
@@ -158,17 +174,17 @@ def _log_total(log_w):
     return logsumexp(log_w) if len(log_w) else -np.inf
 
 
-def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None):
-    """Free energy of the Φ > 0 basin relative to the Φ < 0 basin, with a block-averaging error.
+def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None, upper_basin=UPPER_BASIN):
+    """Free energy of the Φ > 0 basin (C7ax, αL) relative to the other one, with a block-averaging error.
 
-    ΔF = −kT ln(P(Φ > 0) / P(Φ < 0)), the probabilities being (weighted) fractions of frames. The error is the
+    ΔF = −kT ln(P(upper) / P(rest)), the probabilities being (weighted) fractions of frames. The error is the
     standard error of the ΔF estimated separately on ``n_blocks`` contiguous blocks, which accounts for the
     correlation between successive frames as long as a block is longer than the correlation time.
 
     Parameters
     ----------
     phi : array_like, shape (T,)
-        Φ in radians, wrapped to (−π, π] before use; the basins are split at 0 and ±π.
+        Φ in radians, wrapped to (−π, π] before use.
     kT : float
         Thermal energy; ΔF is returned in the same unit.
     weights : array_like, shape (T,), optional
@@ -177,6 +193,9 @@ def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None):
         Number of contiguous blocks for the error estimate, at least 2. Default 5.
     log_weights : array_like, shape (T,), optional
         Logarithms of the weights, instead of ``weights``; avoids the overflow of exp(βV_bias) for large biases.
+    upper_basin : tuple of float, optional
+        (lo, hi) in radians of the Φ > 0 basin (default 0° to 120°, the barrier tops); the rest of the circle is
+        the other basin.
 
     Returns
     -------
@@ -200,7 +219,7 @@ def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None):
     if len(phi) < n_blocks:
         raise ValueError(f"{len(phi)} frames cannot fill {n_blocks} blocks")
     log_w = _basin_log_weights(phi, weights, log_weights)
-    positive = phi > 0
+    positive = in_upper_basin(phi, upper_basin)
     delta_f = float(_delta_f(positive, log_w, kT))
     blocks = np.array_split(np.arange(len(phi)), n_blocks)
     per_block = np.array([_delta_f(positive[b], log_w[b], kT) for b in blocks])
