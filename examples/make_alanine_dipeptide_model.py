@@ -93,8 +93,9 @@ def main(argv=None):
                   "total_seconds": sum(seconds.values()), "training_data": "well-tempered metadynamics on (phi, psi) "
                   "at 300 K, frames reweighted by exp(V_final/kT)", "reference_delta_f": reference,
                   "reference_delta_f_error": error,
-                  "reference_delta_f_note": "dF(phi>0 - phi<0) in kJ/mol, inverse-variance mean of the two biased "
-                                            "(phi, psi) runs (train and held-out), block errors"}
+                  "reference_delta_f_note": "dF(phi>0 basin - rest) in kJ/mol, the phi>0 basin being 0 < phi < 120 "
+                                            "deg (C7ax, alphaL); inverse-variance mean of the two biased (phi, psi) "
+                                            "runs (train and held-out), block errors"}
     with open(os.path.join(args.out, "alanine_dipeptide.provenance.json"), "w") as handle:
         json.dump(provenance, handle, indent=2)
     print(f"model written to {model} in {provenance['total_seconds'] / 60:.1f} min")
