@@ -18,6 +18,7 @@ setup(
         "openmm[cuda13]==8.5.2",
         "acellera-openmmtorch-cu13==1.10",
         "mdtraj>=1.11,<1.12",
+        "tables",  # PyTables: mdtraj reads and writes HDF5 trajectories through it
         "openmmtools==0.27.0",
         "numpy",
         "scipy",

@@ -182,7 +182,7 @@ def load_topology(path: str) -> "mdtraj.Topology":
     try:
         return mdtraj.load_topology(path)
     except Exception as error:
-        raise ValueError(f"cannot read topology {path}: {error}") from None
+        raise ValueError(f"cannot read topology {path}: {_first_line(error)}") from None
 
 
 def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[str] = None, stride: int = 1,
@@ -206,20 +206,23 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
         is subsampled without being loaded whole.
     weights : sequence of arrays or str, optional
         Per-frame weights for each file (arrays, or text files with one column) over *all* frames of the file;
-        the same striding is applied. With a single trajectory path, a single array or file is accepted too.
+        the same striding is applied. With a single trajectory path, a single array or file is accepted too. Only
+        ratios matter: the loaded weights are scaled to mean 1 (in float64, so unnormalised factors such as
+        exp(V/kT) of a large bias survive the float32 of training).
     chunk : int
         Frames read at a time.
 
     Raises
     ------
     FileNotFoundError, ValueError
-        Missing or unreadable files, an atom-count mismatch, an empty selection, NaN or infinite coordinates
-        (of any atom, selected or not), an invalid frame range.
+        Missing or unreadable files, an atom-count mismatch, a file that carries its own topology (PDB, GRO, HDF5)
+        with other atoms or another order than ``topology``, an empty selection, NaN or infinite coordinates (of any
+        atom, selected or not), an invalid frame range.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-        if _single_weights(weights):
-            weights = [weights]
+    if len(paths) == 1 and _single_weights(weights):
+        weights = [weights]
     if not paths:
         raise ValueError("no trajectory given")
     _check_frame_range(start, stop, stride, max_frames)
@@ -239,6 +242,8 @@ def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[s
     frame_weights = None
     if weights is not None:
         frame_weights = np.concatenate([_frame_weights(w, b[2], b[3], p) for w, b, p in zip(weights, blocks, paths)])
+        frame_weights = frame_weights / frame_weights.max()  # first the largest to 1: the sum cannot overflow
+        frame_weights = frame_weights / frame_weights.mean()
     return TrajectoryData(positions, boxes, ids, frame_indices, atom_indices, masses, local_bonds(top, atom_indices),
                           top, frame_weights, [os.path.abspath(p) for p in paths])
 
@@ -288,7 +293,7 @@ def _load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk):
     except _NonFiniteFrames as error:
         raise ValueError(str(error)) from None
     except ValueError as error:
-        raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {error}") from None
+        raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {_first_line(error)}") from None
     if not xyz:
         raise ValueError(f"{path}: no frames in the range start={start}, stop={stop}, stride={stride} "
                          f"(the file has {n_total})")
@@ -317,8 +322,28 @@ def _iter_chunks(path, top, chunk):
     for piece in mdtraj.iterload(path, top=top, chunk=chunk):
         if piece.n_atoms != top.n_atoms:
             raise ValueError(f"the trajectory has {piece.n_atoms} atoms")
+        if offset == 0:
+            _check_same_atoms(piece.topology, top)
         yield offset, piece
         offset += piece.n_frames
+
+
+def _check_same_atoms(own, top):
+    """Formats with a topology of their own (PDB, GRO, HDF5) are read in their own atom order whatever ``top``
+    says: refuse one whose atoms differ from ``top``'s, which would silently give other atoms' positions."""
+    if own is top:
+        return
+    for a, b in zip(own.atoms, top.atoms):
+        if (a.name, a.element) != (b.name, b.element):
+            raise ValueError(f"its atom {a.index} is {a.residue.name}:{a.name}, where the topology has "
+                             f"{b.residue.name}:{b.name}: the file lists other atoms or another order (write it "
+                             "out in the topology's order, or use that file as the topology)")
+
+
+def _first_line(error) -> str:
+    """The first non-blank line of an exception's message (some readers' messages start with a newline)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _count_frames(path, top) -> int:
@@ -331,7 +356,8 @@ def _count_frames(path, top) -> int:
     try:
         return sum(piece.n_frames for _, piece in _iter_chunks(path, top, 10000))
     except Exception as error:
-        raise ValueError(f"cannot read trajectory {path} with topology of {top.n_atoms} atoms: {error}") from None
+        raise ValueError(f"cannot read trajectory {path} with topology of {top.n_atoms} atoms: "
+                         f"{_first_line(error)}") from None
 
 
 def _atoms_per_frame(path) -> Optional[int]:

@@ -178,12 +178,26 @@ def test_weights_from_arrays_and_text_files_follow_the_frames(ala2_run, ala2_tra
     column = tmp_path / "weights1.txt"
     np.savetxt(column, weights[1])
     data = load_trajectories(paths, ala2_run.topology, stride=3, weights=[weights[0], str(column)])
-    np.testing.assert_allclose(data.weights, np.concatenate([weights[0][::3], weights[1][::3]]), rtol=1e-15)
+    expected = np.concatenate([weights[0][::3], weights[1][::3]])
+    np.testing.assert_allclose(data.weights, expected / expected.mean(), rtol=1e-14)  # only ratios matter
     train, validation = data.split_by_trajectory(0.5, seed=0)
     assert train.weights.shape == (train.n_frames,) and validation.weights.shape == (validation.n_frames,)
     # One trajectory path with one array (not a list of one), and weights that follow a negative start.
     single = load_trajectories(paths[0], ala2_run.topology, start=-50, weights=weights[0])
-    np.testing.assert_array_equal(single.weights, weights[0][350:])
+    np.testing.assert_allclose(single.weights, weights[0][350:] / weights[0][350:].mean(), rtol=1e-14)
+    # A list of one path with one file.
+    listed = load_trajectories(paths[1:], ala2_run.topology, weights=str(column))
+    np.testing.assert_allclose(listed.weights, weights[1] / weights[1].mean(), rtol=1e-14)
+
+
+def test_unnormalised_weights_beyond_float32_are_scaled_at_load(ala2_run):
+    """exp(V/kT) of a 250 kJ/mol bias is 1e43: finite in float64, inf in the float32 of training. Scaled to mean 1
+    when loaded, the same ratios train."""
+    huge = np.exp(np.linspace(0.0, 3.0, 1000)) * 1e43
+    data = load_trajectories(ala2_run.trajectory, ala2_run.topology, weights=huge)
+    assert data.weights.mean() == pytest.approx(1.0, rel=1e-12)
+    assert np.all(np.isfinite(data.weights.astype(np.float32)))
+    np.testing.assert_allclose(data.weights[-1] / data.weights[0], np.exp(3.0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("make_weights, message", [
@@ -212,6 +226,30 @@ def _text_file(folder, values):
     path = os.path.join(str(folder), "weights.txt")
     np.savetxt(path, values)
     return path
+
+
+def test_a_pdb_trajectory_in_another_atom_order_is_refused(ala2_run, ala2_traj, tmp_path):
+    """mdtraj reads a PDB in its own atom order, whatever topology it is given: one that lists atoms in another
+    order than the topology would silently give other atoms' positions."""
+    path = tmp_path / "reordered.pdb"
+    ala2_traj[:3].save_pdb(str(path))
+    lines = path.read_text().splitlines()
+    atoms = [i for i, line in enumerate(lines) if line.startswith(("ATOM", "HETATM"))]
+    for first in atoms[::22]:  # in every model, the methyl carbon and the carbonyl carbon trade places
+        lines[first + 1], lines[first + 4] = lines[first + 4], lines[first + 1]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="reordered.pdb .* its atom 1 is ACE:C, where the topology has ACE:CH3"):
+        load_trajectories(str(path), ala2_run.topology)
+    ala2_traj[:3].save_pdb(str(tmp_path / "same.pdb"))
+    assert load_trajectories(str(tmp_path / "same.pdb"), ala2_run.topology).n_frames == 3
+
+
+def test_an_hdf5_trajectory_loads_like_the_dcd(ala2_run, ala2_traj, tmp_path):
+    path = str(tmp_path / "frames.h5")
+    ala2_traj[:20].save_hdf5(path)
+    loaded = load_trajectories(path, ala2_run.topology)
+    reference = load_trajectories(ala2_run.trajectory, ala2_run.topology, stop=20)
+    np.testing.assert_allclose(loaded.positions, reference.positions, atol=1e-6)
 
 
 def test_atom_count_mismatch_names_both_counts(ala2_run, ala2_traj, tmp_path):
