@@ -6,7 +6,9 @@ backend (upstream openmm-torch is moving from ``TorchForce`` to ``PythonTorchFor
 import contextlib
 import io
 import warnings
+from xml.etree import ElementTree
 
+import openmm
 import torch
 
 from .export import script
@@ -61,3 +63,20 @@ def createTorchForce(module, periodic=False, cudaGraphs=False, globalParameters=
     if forceGroup is not None:
         force.setForceGroup(int(forceGroup))
     return force
+
+
+def globalParameterNames(system):
+    """Names of the global parameters of all forces of ``system``.
+
+    Plugin forces such as ``TorchForce`` come back from ``System.getForce`` as plain ``Force`` objects without
+    their accessors (and, after a trip through ``XmlSerializer``, without their name): their serialized XML lists
+    the parameters instead.
+    """
+    names = set()
+    for force in system.getForces():
+        if hasattr(force, "getNumGlobalParameters"):
+            names.update(force.getGlobalParameterName(i) for i in range(force.getNumGlobalParameters()))
+        else:
+            root = ElementTree.fromstring(openmm.XmlSerializer.serialize(force))
+            names.update(parameter.get("name") for group in root.iter("GlobalParameters") for parameter in group)
+    return names

@@ -148,6 +148,10 @@ def runSlowModeMetadynamics(model, molecularSystem, outDir, ns, temperature=None
     if not 0.0 <= settings.discard < 1.0:
         raise ValueError(f"discard is the fraction of early frames left out of the reweighting, in [0, 1), got "
                          f"{settings.discard}")
+    if not ns > 0:
+        raise ValueError(f"the run length must be positive, got {ns} ns")
+    if os.path.exists(outDir) and not os.path.isdir(outDir):
+        raise ValueError(f"the output folder {outDir} is a file")
     chosenPlatform = getPlatform(platform)
     cudaGraphs = settings.cudaGraphs and chosenPlatform.getName() == "CUDA"
     studentReport = None

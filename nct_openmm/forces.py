@@ -28,8 +28,8 @@ import openmm
 import torch
 from openmm import app, unit
 
-from nct_openmm.backend import createTorchForce
-from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
+from nct_openmm.backend import createTorchForce, globalParameterNames
+from nct_openmm.systems import checkForceGroup, contextOf, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
 
 __all__ = [
     "SlowModeCV",
@@ -298,6 +298,8 @@ def slowModeBiasVariables(cvModule, modes, ranges, widths=0.15, padding=0.5, gri
     widths = np.broadcast_to(np.asarray(widths, dtype=float), (len(modes),))
     if np.any(ranges[:, 1] <= ranges[:, 0]) or np.any(widths <= 0):
         raise ValueError("every range needs min < max and every width must be positive")
+    if not padding >= 0.0 or not math.isfinite(padding):
+        raise ValueError(f"padding widens the ranges: it must be a non-negative number, got {padding}")
     return [app.BiasVariable(SlowModeCV(cvModule, mode, periodic, cudaGraphs), low - padding, high + padding,
                              float(width), False, gridWidth)
             for mode, (low, high), width in zip(modes, ranges, widths)]
@@ -446,7 +448,7 @@ class LatentBiasForce:
         group = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         parameters = self._globalParameters()
         name = f"LatentBiasForce {self._prefix}"
-        clashes = sorted(set(parameters) & _globalParameterNames(system))
+        clashes = sorted(set(parameters) & globalParameterNames(system))
         if clashes or any(force.getName() == name for force in system.getForces()):
             raise ValueError(f"the System already has a LatentBiasForce with prefix {self._prefix!r} or global "
                              f"parameters {clashes or 'of that prefix'}: give this one another prefix= (two biases "
@@ -467,7 +469,7 @@ class LatentBiasForce:
     def setRestraintCenter(self, context, mode, value):
         """Move the restraint centre of ``mode`` in ``context`` (mode units)."""
         name = self._restraintParameter("center", mode)
-        context.setParameter(name, float(value))
+        context.setParameter(name, _finite(value, "center"))
 
     def getRestraintCenter(self, context, mode):
         """The current restraint centre of ``mode`` in ``context``."""
@@ -478,19 +480,20 @@ class LatentBiasForce:
         name = self._restraintParameter("forceConstant", mode)
         context.setParameter(name, self._forceConstant(value))
 
-    def getCollectiveVariables(self, context):
+    def getCollectiveVariables(self, simulation):
         """All K mode values at the current positions, from one evaluation of this force's group.
 
         Parameters
         ----------
-        context : openmm.Context
+        simulation : openmm.app.Simulation or openmm.Context
 
         Returns
         -------
         numpy.ndarray, shape (K,)
         """
         self._checkAdded()
-        state = context.getState(getParameterDerivatives=True, groups=1 << self._force.getForceGroup())
+        group = 1 << self._force.getForceGroup()
+        state = contextOf(simulation).getState(getParameterDerivatives=True, groups=group)
         derivatives = state.getEnergyParameterDerivatives()
         return np.array([derivatives[name] for name in self._valueParameters()])
 
@@ -600,16 +603,6 @@ def _finite(value, name):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value
-
-
-def _globalParameterNames(system):
-    """Names of the global parameters of the forces of ``system`` that OpenMM's Python layer can read (plugin
-    forces such as ``TorchForce`` come back from ``System.getForce`` as plain ``Force`` objects)."""
-    names = set()
-    for force in system.getForces():
-        if hasattr(force, "getNumGlobalParameters"):
-            names.update(force.getGlobalParameterName(i) for i in range(force.getNumGlobalParameters()))
-    return names
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,8 +79,8 @@ import openmm
 import torch
 from openmm import unit
 
-from nct_openmm.backend import createTorchForce
-from nct_openmm.systems import checkForceGroup, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
+from nct_openmm.backend import createTorchForce, globalParameterNames
+from nct_openmm.systems import checkForceGroup, contextOf, freeForceGroup, valueInUnit, warnIfBoxIsIgnored
 
 __all__ = ["LatentMetadynamics", "HermiteBiasGrid", "LatentMetadynamicsModule"]
 
@@ -672,7 +672,7 @@ class LatentMetadynamics:
         -------
         numpy.ndarray, shape (K,)
         """
-        return self._readouts(_contextOf(simulation))[0]
+        return self._readouts(contextOf(simulation))[0]
 
     # -- the bias ----------------------------------------------------------------------------------------------
 
@@ -995,7 +995,7 @@ def _checkSystem(system, cvModule):
     required, available = int(cvModule.num_atoms_required), system.getNumParticles()
     if available < required:
         raise ValueError(f"the CV module needs at least {required} particles, but the System has {available}")
-    if any(force.getName() == FORCE_NAME for force in system.getForces()):
+    if any(force.getName() == FORCE_NAME for force in system.getForces()) or _HILL_ID in globalParameterNames(system):
         raise ValueError("the System already holds a LatentMetadynamics force; use one per System (its global "
                          "parameter names are fixed)")
 
@@ -1009,7 +1009,3 @@ def _checkedInt(value, name, minimum=1):
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return int(value)
-
-
-def _contextOf(simulation):
-    return simulation.context if hasattr(simulation, "context") else simulation

@@ -171,6 +171,9 @@ class NCT:
         Remove rigid-body motion (3n − 6 internal coordinates). Turn off only for systems held by external fields.
     batch_size, max_steps, lr, patience, seed, validation_fraction, checkpoint, progress
         Training settings; the validation split is by trajectory when several are given.
+    checkpoint_every : int, optional
+        Steps between checkpoints when ``checkpoint`` is given; by default one epoch, so that an interrupted
+        training resumes from its last epoch.
     compile_loss : bool
         Compile the training loss (:class:`~nct_openmm.core.training.CompiledLoss`): faster steps after a
         compilation of tens of seconds; worth it for trainings of more than a few minutes.
@@ -186,13 +189,14 @@ class NCT:
                  mask: str = "random", scale_bound: float = 2.0, linear_point: bool = True, align: bool = True,
                  batch_size: int = 256, max_steps: int = 20000, lr: float = 1e-3, patience: int = 10, seed: int = 0,
                  validation_fraction: float = 0.2, checkpoint: Optional[str] = None, progress: bool = True,
-                 compile_loss: bool = False):
+                 compile_loss: bool = False, checkpoint_every: Optional[int] = None):
         self.temperature = float(temperature)
         self.config_options = dict(n_couplings=n_couplings, hidden=hidden, depth=depth, mask=mask, seed=seed,
                                    scale_bound=scale_bound, linear_point=linear_point)
         self.align = align
         self.training = dict(batch_size=batch_size, max_steps=max_steps, lr=lr, patience=patience, seed=seed,
                              checkpoint=checkpoint, progress=progress, compile_loss=compile_loss)
+        self.checkpoint_every = checkpoint_every
         self.validation_fraction = validation_fraction
         self._model = None
 
@@ -228,7 +232,9 @@ class NCT:
         w = None if data.weights is None else torch.as_tensor(data.weights, dtype=torch.float32)
         w_val = None if validation.weights is None else torch.as_tensor(validation.weights, dtype=torch.float32)
         flow = model_from_data(FlowConfig(dim=frame.dim, **self.config_options), u, w)
-        history = fit_likelihood(flow, u, weights=w, q_val=u_val, weights_val=w_val, **self.training)
+        every = self.checkpoint_every or max(1, len(u) // self.training["batch_size"])
+        history = fit_likelihood(flow, u, weights=w, q_val=u_val, weights_val=w_val, checkpoint_every=every,
+                                 **self.training)
         flow.fix_mode_signs(u)
         metadata = self._metadata(data, validation, history)
         with torch.no_grad():

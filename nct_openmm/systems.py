@@ -66,6 +66,11 @@ def isInteger(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def contextOf(simulation):
+    """The ``Context`` of an ``app.Simulation``, or the argument itself when it is a ``Context``."""
+    return simulation.context if hasattr(simulation, "context") else simulation
+
+
 def checkForceGroup(group):
     """``group`` as an int, or a ValueError naming the allowed range."""
     if not isInteger(group) or not 0 <= group < NUM_FORCE_GROUPS:

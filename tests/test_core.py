@@ -414,6 +414,33 @@ def test_a_checkpoint_of_other_data_is_refused_at_resume(tmp_path):
     assert open(checkpoint, "rb").read() == saved  # nothing overwritten
 
 
+@pytest.mark.parametrize("content, message", [
+    ({"format": "nct_openmm"}, "is not a training checkpoint \\(it lacks best_state, extra_state, generator"),
+    (b"not a zip archive at all", "cannot read the checkpoint .*bad.pt \\(corrupt, or not a checkpoint\\)"),
+])
+def test_a_file_that_is_no_checkpoint_is_refused_at_resume_naming_it(tmp_path, content, message):
+    q = _anisotropic_data()
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, str(path))
+    with pytest.raises(ValueError, match=message):
+        fit_likelihood(model_from_data(FlowConfig(dim=3, n_couplings=1, hidden=4), q), q, batch_size=100,
+                       max_steps=5, progress=False, checkpoint=str(path))
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(document, path):
+        open(path, "wb").write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_payload(str(tmp_path / "model.pt"), {"model": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_non_finite_loss_leaves_the_best_weights_in_the_model():
     model = NCTModel(FlowConfig(dim=2, n_couplings=1, hidden=4))
     values = iter([3.0, 2.0, 2.5])

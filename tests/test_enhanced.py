@@ -82,6 +82,14 @@ def test_metad_cli_errors(ala2_model, tmp_path, capsys):
     assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--platform",
                  "Nonexistent", "--out", str(tmp_path)]) == 2
     assert "Nonexistent" in capsys.readouterr().err
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "-1", "--out",
+                 str(tmp_path / "never")]) == 2
+    assert "the run length must be positive, got -1.0 ns" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "a_file").write_text("")
+    assert main(["metad", "--model", ala2_model.path, "--system", "ala2-vacuum", "--ns", "0.001", "--out",
+                 str(tmp_path / "a_file")]) == 2
+    assert "the output folder" in capsys.readouterr().err
 
 
 def test_metad_cli_runs(ala2_model, tmp_path, capsys):

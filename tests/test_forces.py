@@ -7,6 +7,7 @@ tolerances, and are skipped where OpenMM cannot create a Context on them.
 import os
 import sys
 import warnings
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,6 +207,8 @@ def test_bias_variables_pad_training_ranges_and_drive_metadynamics(cvModule, pos
     expected = modeValues(cvModule, currentPositions(simulation.context))[[0, 2]]
     np.testing.assert_allclose(meta.getCollectiveVariables(simulation), expected, rtol=1e-10)
     assert np.abs(meta.getFreeEnergy()).max() > 0
+    with pytest.raises(ValueError, match="padding widens the ranges: it must be a non-negative number, got -1.5"):
+        slowModeBiasVariables(cvModule, [0], [(-1.0, 1.0)], padding=-1.5)
 
 
 # --- all modes in one force ---------------------------------------------------------------------------------------
@@ -221,6 +224,9 @@ def test_bias_energy_is_sum_of_its_terms(cvModule, positions):
     restraints = {0: (s[0] - 1.0, 20.0), 2: (s[2] - 0.3, 0.0)}
     assert energy(context) - energy(context, {0}) == pytest.approx(
         expectedBiasEnergy(s, restraints, bias._walls), rel=1e-10)
+    with pytest.raises(ValueError, match="center must be a finite number, got nan"):
+        bias.setRestraintCenter(context, 0, float("nan"))
+    assert bias.getRestraintCenter(context, 0) == s[0] - 1.0
 
 
 def test_bias_forces_are_minus_energy_gradient(cvModule, positions):
@@ -245,6 +251,8 @@ def test_collective_variables_read_from_parameter_derivatives(cvModule, position
     bias, context = biasContext(cvModule, positions, platform)
     np.testing.assert_allclose(bias.getCollectiveVariables(context), modeValues(cvModule, positions),
                                rtol=TOLERANCE[platform], atol=1e-6)
+    simulation = SimpleNamespace(context=context)  # what it reads of an app.Simulation, as app.Metadynamics does
+    np.testing.assert_array_equal(bias.getCollectiveVariables(simulation), bias.getCollectiveVariables(context))
 
 
 def test_restraint_force_points_down_its_gradient(cvModule, positions):
@@ -305,6 +313,17 @@ def test_two_bias_forces_with_one_prefix_are_refused(cvModule, positions):
     clashing.addForce(other)
     with pytest.raises(ValueError, match=r"global parameters \['latent_center0'\]"):
         configuredBias(cvModule, positions).addToSystem(clashing)
+
+
+def test_a_bias_in_a_serialized_system_is_seen_by_the_next_one(cvModule, positions):
+    """A TorchForce back from XmlSerializer is a plain Force named 'TorchForce': its global parameters, read from
+    its XML, still tell that a second bias with the same prefix would share them."""
+    system = makeSystem()
+    configuredBias(cvModule, positions).addToSystem(system)
+    loaded = openmm.XmlSerializer.clone(system)
+    with pytest.raises(ValueError, match="already has a LatentBiasForce with prefix 'latent_'"):
+        configuredBias(cvModule, positions).addToSystem(loaded)
+    configuredBias(cvModule, positions, prefix="second_").addToSystem(loaded)
 
 
 def test_periodic_bias_force_receives_box(cvModule, positions):

@@ -624,6 +624,8 @@ def test_one_metadynamics_force_per_system(ala2):
     makeMeta(system)
     with pytest.raises(ValueError, match="one per System"):
         makeMeta(system)
+    with pytest.raises(ValueError, match="one per System"):  # its TorchForce, renamed by XmlSerializer
+        makeMeta(openmm.XmlSerializer.clone(system))
 
 
 def test_docstring_examples_run():

@@ -23,6 +23,7 @@ from scipy.spatial.transform import Rotation
 from molecular_fixtures import ALA2_HEAVY_ATOMS, TEMPERATURE, phi_turned, tiny_estimator, torch_threads
 from nct_openmm.cli import main
 from nct_openmm.core import NCTModel, FlowConfig
+from nct_openmm.core import training as training_module
 from nct_openmm.core.serialization import FORMAT_NAME, FORMAT_VERSION, ModelFileError
 from nct_openmm.data import load_trajectories
 from nct_openmm.core.distill import fit_student
@@ -310,6 +311,10 @@ def test_train_cli_reports_bad_inputs_in_one_line_with_exit_code_2(ala2_run, tmp
         (["--traj", ala2_run.trajectory, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["--traj", ala2_run.trajectory, "--out", str(tmp_path / "missing" / "m.pt")],
          "the folder of --out does not exist"),
+        # Both found before training, not after it (a folder as --out left the trained model as a temporary).
+        (["--traj", ala2_run.trajectory, "--out", str(tmp_path)], "is a folder; give a file name"),
+        (["--traj", ala2_run.trajectory, "--checkpoint", str(tmp_path / "missing" / "c.pt")],
+         "the folder of --checkpoint does not exist"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2, extra
@@ -628,6 +633,25 @@ def test_nct_info_json_and_text(ala2_model, capsys):
     assert "temperature  300.00 K" in text and "24 internal" in text
 
 
+def test_nct_info_of_a_variational_model(ala2_model, tmp_path, capsys):
+    """A model fitted to an energy records a free energy and no validation NLL (its info line crashed on that)."""
+    model = copy.deepcopy(ala2_model.model)
+    model.metadata["training"] = {"method": "variational (OpenMM energy)", "free_energy": -41.5, "steps": 300,
+                                  "seconds": 12.0}
+    path = str(tmp_path / "variational.pt")
+    model.save(path)
+    assert main(["info", path]) == 0
+    assert "training     variational (OpenMM energy); free energy -41.5 kT, 300 steps, 12 s" in capsys.readouterr().out
+
+
+def test_a_checkpointed_training_writes_its_checkpoint_every_epoch(ala2_data, tmp_path, monkeypatch):
+    """So that an interrupted training resumes from its last epoch, not from the start."""
+    saved_at = []
+    monkeypatch.setattr(training_module.Trainer, "save_checkpoint",
+                        lambda trainer, path=None: saved_at.append(trainer.step_count))
+    tiny_estimator(max_steps=12, batch_size=200, checkpoint=str(tmp_path / "c.pt")).fit(ala2_data)
+    assert saved_at[:3] == [4, 8, 12]  # 800 training frames: 4 steps an epoch
+
 def _bad_model_file(kind, folder, good_path):
     path = os.path.join(str(folder), f"{kind}.pt")
     if kind == "corrupt":
@@ -904,6 +928,8 @@ def test_nct_export_cli_writes_a_loadable_file(ala2_model, ala2_traj, tmp_path, 
     np.testing.assert_array_equal(evaluate(torch.jit.load(out), positions),
                                   evaluate(slow_mode_module(ala2_model.model, 3), positions))
 
+    assert main(["export", ala2_model.path, "--student", "--out", str(tmp_path)]) == 2  # before distilling
+    assert "--out " + str(tmp_path) + " is a folder" in capsys.readouterr().err
     assert main(["export", ala2_model.path, "--modes", "2", "--double", "--out", out]) == 0
     loaded = torch.jit.load(out)
     assert loaded(positions[0].double()).dtype == torch.float64

@@ -20,10 +20,13 @@ class CommandError(Exception):
 
 
 def checkOutputFolder(path, option):
-    """Fail now, not after the work, when the folder ``path`` is to be written into does not exist."""
+    """Fail now, not after the work, when the file ``path`` cannot be written: its folder does not exist, or it is
+    a folder itself."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CommandError(f"the folder of {option} does not exist: {folder}")
+    if os.path.isdir(path):
+        raise CommandError(f"{option} {path} is a folder; give a file name")
 
 
 def checkStudentFeatures(args):

@@ -1,7 +1,7 @@
 """``nct export``: write the slow modes of a model as a TorchScript collective variable."""
 import torch
 
-from nct_openmm.cli import checkStudentFeatures
+from nct_openmm.cli import checkOutputFolder, checkStudentFeatures
 from nct_openmm.export import STUDENT_FEATURES, export_slow_modes, export_student
 from nct_openmm.slowmodes import SlowModeModel
 
@@ -27,6 +27,7 @@ def add_parser(subparsers):
 
 def run(args):
     checkStudentFeatures(args)
+    checkOutputFolder(args.out, "--out")  # before a distillation of minutes
     model = SlowModeModel.load(args.model)
     dtype = torch.float64 if args.double else torch.float32
     if args.student:

@@ -47,6 +47,8 @@ def run(args):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     checkOutputFolder(args.out, "--out")
+    if args.checkpoint:
+        checkOutputFolder(args.checkpoint, "--checkpoint")
     data = load_trajectories(args.traj, args.top, selection=args.select, stride=args.stride,
                              max_frames=args.max_frames, weights=args.weights)
     train, validation = data.split_by_trajectory(args.validation, args.seed)

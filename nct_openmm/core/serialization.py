@@ -27,8 +27,13 @@ def save_payload(path, payload: dict) -> None:
     _check_plain(payload, "payload")
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **payload}
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(document, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(document, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_payload(path, kind: str) -> dict:

@@ -246,6 +246,11 @@ class CapturedStep:
             self.loss = self._eager_step()
 
 
+#: What :meth:`Trainer.state_dict` writes and :meth:`Trainer.load_state_dict` needs.
+_CHECKPOINT_KEYS = frozenset({"model", "optimizer", "generator", "history", "step", "stale", "best_state",
+                              "extra_state"})
+
+
 class Trainer:
     """Adam with a plateau schedule on a monitored loss, early stopping, seeded randomness, resumable checkpoints.
 
@@ -331,7 +336,15 @@ class Trainer:
         path = path or self.checkpoint
         if not path or not os.path.exists(path):
             return False
-        state = torch.load(path, weights_only=True)
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as error:
+            lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            raise ValueError(f"cannot read the checkpoint {path} (corrupt, or not a checkpoint): {lines[0]}") from None
+        missing = sorted(_CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
+        if missing:
+            raise ValueError(f"{path} is not a training checkpoint (it lacks {', '.join(missing)}): delete it, or "
+                             "give this run another checkpoint path")
         saved = state.get("fingerprint")
         if self.fingerprint is not None and saved is not None and saved != self.fingerprint:
             changed = sorted(key for key in set(saved) | set(self.fingerprint)
