@@ -213,7 +213,9 @@ def _checkMode(cvModule, mode):
     try:
         index = operator.index(mode)
     except TypeError:
-        raise ValueError(f"a mode index must be an integer, got {mode!r}") from None
+        index = None
+    if index is None or isinstance(mode, bool):
+        raise ValueError(f"a mode index must be an integer, got {mode!r}")
     if not 0 <= index < numModes:
         raise ValueError(f"mode {mode} does not exist: the CV module has {numModes} modes, 0 to {numModes - 1}")
     return index
@@ -293,6 +295,8 @@ def slowModeBiasVariables(cvModule, modes, ranges, widths=0.15, padding=0.5, gri
     ranges = np.asarray(ranges, dtype=float).reshape(-1, 2)
     if len(ranges) != len(modes):
         raise ValueError(f"ranges gives {len(ranges)} (min, max) pairs for {len(modes)} modes")
+    if len({_checkMode(cvModule, mode) for mode in modes}) != len(modes):
+        raise ValueError(f"modes must be distinct, got {list(modes)}")
     if np.size(widths) not in (1, len(modes)):
         raise ValueError(f"widths gives {np.size(widths)} values for {len(modes)} modes")
     widths = np.broadcast_to(np.asarray(widths, dtype=float), (len(modes),))

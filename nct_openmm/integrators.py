@@ -61,6 +61,10 @@ class MTSLangevinMiddleIntegrator(openmm.CustomIntegrator):
         :func:`biasGroups` lists every group a System uses. Each group costs one force evaluation wherever it is
         applied, so keep the fast forces in one group.
 
+    As with ``openmm.MTSLangevinIntegrator`` (both are ``CustomIntegrator``s), a ``getState`` that asks for the
+    energy between steps changes the trajectory that follows, not its statistics (measured on Reference): the
+    same seed repeats a trajectory only under the same reporters, a ``StateDataReporter`` with energies included.
+
     Examples
     --------
     >>> integrator = MTSLangevinMiddleIntegrator(300, 1.0, 0.016, [(31, 1), (0, 8)])

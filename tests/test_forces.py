@@ -209,6 +209,10 @@ def test_bias_variables_pad_training_ranges_and_drive_metadynamics(cvModule, pos
     assert np.abs(meta.getFreeEnergy()).max() > 0
     with pytest.raises(ValueError, match="padding widens the ranges: it must be a non-negative number, got -1.5"):
         slowModeBiasVariables(cvModule, [0], [(-1.0, 1.0)], padding=-1.5)
+    with pytest.raises(ValueError, match="modes must be distinct"):
+        slowModeBiasVariables(cvModule, [1, 1], [(-1.0, 1.0)] * 2)
+    with pytest.raises(ValueError, match="a mode index must be an integer, got True"):
+        slowModeBiasVariables(cvModule, [True], [(-1.0, 1.0)])
 
 
 # --- all modes in one force ---------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ def add_parser(subparsers):
     parser.add_argument("--couplings", type=int, default=8, help="RealNVP couplings (default: 8)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units per conditioner layer (default: 64)")
     parser.add_argument("--patience", type=int, default=10, help="evaluations without improvement before stopping")
-    parser.add_argument("--validation", type=float, default=0.2, help="fraction held out (default: 0.2)")
+    parser.add_argument("--validation", type=float, default=0.2,
+                        help="fraction of the trajectories held out for validation, whole ones; of one trajectory, "
+                             "its last frames (default: 0.2)")
     parser.add_argument("--no-align", action="store_true",
                         help="keep rigid-body coordinates (only for systems held in space by external forces)")
     parser.add_argument("--checkpoint", help="checkpoint file; training resumes from it when it exists")
