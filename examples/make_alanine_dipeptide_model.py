@@ -95,7 +95,8 @@ def main(argv=None):
                   "reference_delta_f_error": error,
                   "reference_delta_f_note": "dF(phi>0 basin - rest) in kJ/mol, the phi>0 basin being 0 < phi < 120 "
                                             "deg (C7ax, alphaL); inverse-variance mean of the two biased (phi, psi) "
-                                            "runs (train and held-out), block errors"}
+                                            "runs (train and held-out); errors from the upper basin's population on "
+                                            "5 blocks of each run"}
     with open(os.path.join(args.out, "alanine_dipeptide.provenance.json"), "w") as handle:
         json.dump(provenance, handle, indent=2)
     print(f"model written to {model} in {provenance['total_seconds'] / 60:.1f} min")

@@ -247,10 +247,24 @@ def test_weights_that_reverse_the_populations_flip_the_sign():
     assert log_delta_f == pytest.approx(delta_f, rel=1e-12)
 
 
-def test_block_error_is_nan_when_a_block_misses_a_basin():
+def test_a_block_that_misses_a_basin_still_gives_an_error():
+    """A biased run reaches the second basin only after a while: its first block has none of it. The block
+    populations stay defined there (a ΔF per block would be infinite); the error is the spread they show."""
     phi = np.concatenate([np.full(200, -1.0), two_state_phi(800, 0.5, seed=3)])
     delta_f, error = analysis.basin_free_energy(phi, KT, n_blocks=5)
-    assert np.isfinite(delta_f) and np.isnan(error)
+    fractions = np.array([0.0] + [np.mean(block > 0) for block in np.array_split(phi[200:], 4)])
+    expected = KT * fractions.std(ddof=1) / np.sqrt(5) / (0.4 * 0.6)
+    assert np.isfinite(delta_f) and error == pytest.approx(expected, rel=0.02)
+    assert np.isnan(analysis.basin_free_energy(np.full(100, -1.0), KT)[1])  # one basin only: no error to give
+
+
+def test_frames_of_zero_weight_belong_to_no_block():
+    """A discarded start (weight 0) would otherwise fill the first blocks with frames that do not count."""
+    phi = two_state_phi(1000, 0.3, seed=5)
+    weights = np.random.default_rng(6).uniform(0.5, 1.5, size=1000)
+    with_start = analysis.basin_free_energy(np.concatenate([np.full(300, -1.0), phi]), KT,
+                                            weights=np.concatenate([np.zeros(300), weights]))
+    assert with_start == pytest.approx(analysis.basin_free_energy(phi, KT, weights=weights), rel=1e-12)
 
 
 def test_free_energy_surface_of_a_harmonic_well():

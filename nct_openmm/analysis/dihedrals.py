@@ -177,9 +177,11 @@ def _log_total(log_w):
 def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None, upper_basin=UPPER_BASIN):
     """Free energy of the Φ > 0 basin (C7ax, αL) relative to the other one, with a block-averaging error.
 
-    ΔF = −kT ln(P(upper) / P(rest)), the probabilities being (weighted) fractions of frames. The error is the
-    standard error of the ΔF estimated separately on ``n_blocks`` contiguous blocks, which accounts for the
-    correlation between successive frames as long as a block is longer than the correlation time.
+    ΔF = −kT ln(p / (1 − p)), p being the (weighted) fraction of frames in the upper basin. The error comes from
+    p on ``n_blocks`` contiguous blocks of the frames of non-zero weight (a discarded start belongs to no block):
+    the standard error of their mean, carried to ΔF as kT δp / (p(1 − p)). That accounts for the correlation
+    between successive frames as long as a block is longer than the correlation time, and, unlike a ΔF per block,
+    stays defined for a block that never visited one basin (the start of a biased run).
 
     Parameters
     ----------
@@ -202,7 +204,7 @@ def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None, upper
     delta_f : float
         ΔF(Φ > 0 − Φ < 0); ±inf if one basin was never visited.
     error : float
-        Standard error of ΔF from the blocks; nan if any block lacks frames in one of the basins.
+        Standard error of ΔF from the blocks; nan if a basin was never visited or fewer frames than blocks count.
 
     Examples
     --------
@@ -221,11 +223,23 @@ def basin_free_energy(phi, kT, weights=None, n_blocks=5, log_weights=None, upper
     log_w = _basin_log_weights(phi, weights, log_weights)
     positive = in_upper_basin(phi, upper_basin)
     delta_f = float(_delta_f(positive, log_w, kT))
-    blocks = np.array_split(np.arange(len(phi)), n_blocks)
-    per_block = np.array([_delta_f(positive[b], log_w[b], kT) for b in blocks])
-    if not np.all(np.isfinite(per_block)):
+    fraction = _upper_fraction(positive, log_w)
+    counted = np.flatnonzero(log_w > -np.inf)
+    if not 0.0 < fraction < 1.0 or len(counted) < n_blocks:
         return delta_f, float("nan")
-    return delta_f, float(per_block.std(ddof=1) / np.sqrt(n_blocks))
+    per_block = np.array([_upper_fraction(positive[b], log_w[b]) for b in np.array_split(counted, n_blocks)])
+    return delta_f, float(kT * per_block.std(ddof=1) / np.sqrt(n_blocks) / (fraction * (1.0 - fraction)))
+
+
+def _upper_fraction(positive, log_w):
+    """Weighted fraction of the frames that lie in the upper basin.
+
+    Examples
+    --------
+    >>> round(_upper_fraction(np.array([True, False]), np.log([1.0, 3.0])), 12)
+    0.25
+    """
+    return float(np.exp(_log_total(log_w[positive]) - _log_total(log_w)))
 
 
 def free_energy_surface(values, kT, weights=None, bins=50, ranges=None):
