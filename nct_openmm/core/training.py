@@ -512,7 +512,10 @@ def fit_likelihood(model: NCTModel, q: Tensor, *, weights: Optional[Tensor] = No
     q_val, weights_val : Tensor, optional
         Held-out frames for the monitored loss; by default the training frames.
     masses, kT
-        Momenta are drawn from ``N(0, masses·kT)`` for every batch (fresh each time).
+        Momenta are drawn from ``N(0, masses·kT)`` for every batch (fresh each time). The latent Hamiltonian is
+        at β = 1, so the learned ω are the physical frequencies divided by ``kT``: to read ω in physical units,
+        give reduced coordinates ``q·√(m/kT)`` with ``masses = kT = 1`` (the defaults), as
+        :class:`nct_openmm.slowmodes.NCT` does.
     batch_size, max_steps, eval_every, lr, patience, seed
         Optimisation settings; one evaluation per epoch by default.
     checkpoint, checkpoint_every, resume
