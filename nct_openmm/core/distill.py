@@ -35,7 +35,9 @@ class StudentReport:
 
     Errors are in units of the scaled modes (unit variance under the prior): ``value_rms``, ``value_max`` over
     configurations drawn like the training ones; ``value_rms_thermal`` over plain prior draws; ``gradient_relative``
-    is ``‖∇ε_student − ∇ε_flow‖ / ‖∇ε_flow‖`` over the held-out set.
+    is ``‖∇ε_student − ∇ε_flow‖ / ‖∇ε_flow‖`` over the held-out set, with gradients taken with respect to the
+    flow's input (mass-weighted coordinates, whose gradients the forces are, up to the mass scaling of each
+    atom), not the whitened coordinates the network reads, where the stiff directions would hardly count.
     """
 
     value_rms: float
@@ -142,8 +144,10 @@ def fit_student(model: NCTModel, modes: int = 2, *, hidden: int = 128, depth: in
             model.layers[0], features, train[0]))
     student.to(y.dtype)
     trainee = student.net if features is None else _OnWhitened(student)
-    _train_student(trainee, train, steps, batch, gradient_weight, lr, generator, progress)
-    report = _report(trainee, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal,
+    # ∂y/∂q of the whitening y = ((q − shift) M) · scale: gradients ∂ε/∂y times this are ∂ε/∂q.
+    to_input = (model.layers[0].matrix * model.layers[0].scale).t().detach().to(y.dtype)
+    _train_student(trainee, train, steps, batch, gradient_weight, lr, generator, progress, to_input)
+    report = _report(trainee, (y[:held_out], targets[:held_out], gradients[:held_out]), thermal, to_input,
                      dict(samples=samples, steps=steps, spread=spread, hidden=hidden, depth=depth))
     return student.float().eval(), report
 
@@ -196,32 +200,33 @@ def _sobolev_terms(net: nn.Module, y: Tensor, targets: Tensor, gradients: Tensor
     return eps - targets, predicted - gradients
 
 
-def _train_student(net, data, steps, batch, gradient_weight, lr, generator, progress):
+def _train_student(net, data, steps, batch, gradient_weight, lr, generator, progress, to_input):
     from tqdm.auto import tqdm
 
     y, targets, gradients = data
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    gradient_scale = gradients.pow(2).sum((1, 2)).mean()  # the loss terms in comparable units
+    gradient_scale = (gradients @ to_input).pow(2).sum((1, 2)).mean()  # the loss terms in comparable units
     for _ in tqdm(range(steps), desc="distilling", disable=not progress, leave=False, dynamic_ncols=True):
         index = torch.randint(len(y), (batch,), generator=generator)
         value_error, gradient_error = _sobolev_terms(net, y[index], targets[index], gradients[index], True)
-        loss = value_error.pow(2).sum(1).mean() + gradient_weight * gradient_error.pow(2).sum((1, 2)).mean() / \
-            gradient_scale
+        loss = value_error.pow(2).sum(1).mean() + gradient_weight * (gradient_error @ to_input).pow(2).sum(
+            (1, 2)).mean() / gradient_scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
 
 
-def _report(net, held_out, thermal, settings: dict) -> StudentReport:
+def _report(net, held_out, thermal, to_input, settings: dict) -> StudentReport:
     value_error, gradient_error = (t.detach() for t in _sobolev_terms(net, *held_out, create_graph=False))
     thermal_error = _sobolev_terms(net, *thermal, create_graph=False)[0].detach()
-    gradient_norm = held_out[2].pow(2).sum((1, 2)).mean()
+    gradient_norm = (held_out[2] @ to_input).pow(2).sum((1, 2)).mean()
+    gradient_error = (gradient_error @ to_input).pow(2).sum((1, 2)).mean()
     return StudentReport(
         value_rms=float(value_error.pow(2).mean().sqrt()), value_max=float(value_error.abs().max()),
         value_rms_thermal=float(thermal_error.pow(2).mean().sqrt()),
-        gradient_relative=float(math.sqrt(gradient_error.pow(2).sum((1, 2)).mean() / gradient_norm)), **settings)
+        gradient_relative=float(math.sqrt(gradient_error / gradient_norm)), **settings)
 
 
 __all__ = ["Student", "StudentReport", "fit_student"]
