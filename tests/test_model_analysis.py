@@ -1,5 +1,6 @@
 """Analyses of a trained model (nct_openmm.analysis.model_analysis) and the ``nct analyze`` command, on a tiny model
 trained on 100 ps of alanine dipeptide in vacuum."""
+import dataclasses
 import doctest
 import json
 import shutil
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from nct_openmm.analysis import (configuration_log_likelihood, dihedral_information, harmonic_pca, interpolate,
-                                 largest_gap, model_analysis, prior_samples_along_modes, spectrum_report,
-                                 write_positions_as_trajectory)
+from nct_openmm.analysis import (backbone_dihedrals, configuration_log_likelihood, dihedral_information, harmonic_pca,
+                                 interpolate, largest_gap, model_analysis, mutual_information_matrix,
+                                 prior_samples_along_modes, spectrum_report, write_positions_as_trajectory)
 from nct_openmm.cli import main
 from nct_openmm.core import FlowConfig, model_from_data
 from nct_openmm.data import load_trajectories
@@ -101,6 +102,21 @@ def test_dihedral_information_of_the_peptide(ala2):
     # The full trajectory gives the same angles as the selected heavy atoms, hence the same estimates.
     full = mdtraj.load(ala2.traj, top=ala2.top)
     assert dihedral_information(ala2.model, ala2.data, full, n_modes=3)["mi_phi"] == pytest.approx(info["mi_phi"])
+
+
+def test_dihedral_information_of_weighted_data_uses_the_reweighted_ensemble(ala2):
+    """KSG takes no weights: with weights, the estimates come from the frames a rejection draw by weight keeps
+    (none of weight 0), the ensemble the PCA baseline is fitted to."""
+    weights = np.where(np.arange(ala2.data.n_frames) % 2 == 0, 0.0, np.linspace(0.2, 1.0, ala2.data.n_frames))
+    weighted = dataclasses.replace(ala2.data, weights=weights)
+    info = dihedral_information(ala2.model, weighted, n_modes=2)
+    assert info["mi_ensemble"] == "reweighted subsample" and 0 < info["mi_frames"] < ala2.data.n_frames / 2
+    kept = np.flatnonzero(np.random.default_rng(0).uniform(size=len(weights)) * weights.max() < weights)
+    assert np.all(weights[kept] > 0) and len(kept) == info["mi_frames"]
+    phi, _ = backbone_dihedrals(mdtraj.load(ala2.traj, top=ala2.top))
+    expected = mutual_information_matrix(ala2.model.transform(weighted, k=2)[kept], {"phi": phi[kept]})["phi"]
+    assert info["mi_phi"] == pytest.approx(expected)
+    assert dihedral_information(ala2.model, ala2.data, n_modes=2)["mi_ensemble"] == "unweighted"
 
 
 def test_dihedral_information_rejects_non_peptides_and_mismatched_inputs(ala2):

@@ -190,11 +190,13 @@ def spectrum_report(model, data):
     return report
 
 
-def dihedral_information(model, data, traj=None, n_modes=6, k=5):
+def dihedral_information(model, data, traj=None, n_modes=6, k=5, seed=0):
     """Mutual information of the slowest NCT modes and of the slowest PCA modes with the backbone Φ and Ψ.
 
     KSG estimates (:func:`~nct_openmm.analysis.mutual_information`) in nats, with Φ and Ψ treated as periodic.
-    Frames are not weighted (the estimator has no weights), so pass unbiased data.
+    The estimator takes no weights: for weighted data (a reweighted biased run) it runs on a subsample of the
+    reweighted ensemble, frame i kept with probability w_i / max w (``seed``), as the PCA baseline is fitted to
+    the weighted frames. Duplicating frames instead (resampling with replacement) would inflate KSG.
 
     Parameters
     ----------
@@ -215,7 +217,8 @@ def dihedral_information(model, data, traj=None, n_modes=6, k=5):
     dict
         JSON-ready lists of length ``n_modes``, slowest mode first: ``mi_phi``, ``mi_psi`` (NCT modes) and
         ``pca_mi_phi``, ``pca_mi_psi`` (harmonic PCA modes of the same internal coordinates), plus ``n_modes``,
-        ``k`` and ``units``.
+        ``k``, ``units``, ``mi_frames`` (the frames the estimates used) and ``mi_ensemble`` ("unweighted" or
+        "reweighted subsample").
 
     Raises
     ------
@@ -256,10 +259,27 @@ def dihedral_information(model, data, traj=None, n_modes=6, k=5):
     nct_modes = model.transform(data if isinstance(data, TrajectoryData) else positions, k=n_modes)
     u = model.internal_coordinates(positions, boxes).numpy()
     pca_modes = harmonic_pca(u, 1.0, _weights(data)).transform(u)[:, :n_modes]
-    nct = mutual_information_matrix(nct_modes, angles, k=k)
-    pca = mutual_information_matrix(pca_modes, angles, k=k)
+    frames = _reweighted_subsample(_weights(data), len(positions), seed)
+    angles = {name: values[frames] for name, values in angles.items()}
+    nct = mutual_information_matrix(nct_modes[frames], angles, k=k)
+    pca = mutual_information_matrix(pca_modes[frames], angles, k=k)
     return {"mi_phi": nct["phi"], "mi_psi": nct["psi"], "pca_mi_phi": pca["phi"], "pca_mi_psi": pca["psi"],
-            "n_modes": n_modes, "k": int(k), "units": "nats"}
+            "n_modes": n_modes, "k": int(k), "units": "nats", "mi_frames": int(len(frames)),
+            "mi_ensemble": "unweighted" if _weights(data) is None else "reweighted subsample"}
+
+
+def _reweighted_subsample(weights, n_frames, seed):
+    """Indices of the frames kept by rejection with probability w / max w (all frames without weights).
+
+    Examples
+    --------
+    >>> _reweighted_subsample(np.array([0.0, 1.0, 1.0]), 3, seed=0).tolist()
+    [1, 2]
+    """
+    if weights is None:
+        return np.arange(n_frames)
+    weights = np.asarray(weights, dtype=float)
+    return np.flatnonzero(np.random.default_rng(seed).uniform(size=len(weights)) * weights.max() < weights)
 
 
 # --- densities, interpolation and scans -----------------------------------------------------------------------------
