@@ -64,7 +64,8 @@ def run(args):
     report.update(_training_provenance(model, args.traj))
     try:
         info = dihedral_information(model, data, n_modes=args.modes)
-        report.update({key: info[key] for key in ("mi_phi", "mi_psi", "pca_mi_phi", "pca_mi_psi")})
+        report.update({key: info[key] for key in ("mi_phi", "mi_psi", "pca_mi_phi", "pca_mi_psi", "mi_frames",
+                                                  "mi_ensemble")})
         report["mi_units"] = info["units"]
         phi, psi = backbone_dihedrals(_selected_trajectory(data.positions, data, data.boxes))
     except ValueError as error:
