@@ -24,7 +24,7 @@ from nct_openmm.export import slow_mode_module, student_module
 from nct_openmm.forces import checkSystemCompatible, slowModeBiasVariables
 from nct_openmm.integrators import mtsLangevinIntegrator
 from nct_openmm.metadynamics import LatentMetadynamics
-from nct_openmm.simulate import startedSimulation, stepWithProgress, writeStructure
+from nct_openmm.simulate import finalBiasFactors, startedSimulation, stepWithProgress, writeStructure
 from nct_openmm.systems import getPlatform
 
 
@@ -233,11 +233,7 @@ def _reweightingFactors(biasAt, cv, trajectory, topology, temperature, periodic,
     """``exp(V(s_t)/kT)`` per saved frame with the final bias, 0 for the first ``discard`` fraction, normalised to
     mean 1."""
     traj = mdtraj.load(trajectory, top=topology)
-    values = modeValues(cv, traj, periodic)
-    logWeights = np.asarray(biasAt(values), dtype=float) / (BOLTZMANN * temperature)
-    logWeights[: int(discard * len(logWeights))] = -np.inf
-    weights = np.exp(logWeights - logWeights.max())
-    return weights * len(weights) / weights.sum()
+    return finalBiasFactors(biasAt(modeValues(cv, traj, periodic)), BOLTZMANN * temperature, discard)
 
 
 def modeValues(cv, traj, periodic=False):

@@ -23,6 +23,7 @@ import openmm.unit as unit
 from scipy.interpolate import RegularGridInterpolator
 from tqdm import tqdm
 
+from nct_openmm.data import BOLTZMANN
 from nct_openmm.systems import getPlatform, platformProperties, valueInUnit
 
 
@@ -209,12 +210,24 @@ def _writeReweightingFactors(bias, trajectoryPath, topologyPath, temperatureK, s
     deltaT = temperatureK * (settings.biasFactor - 1.0)
     biasGrid = -deltaT / (temperatureK + deltaT) * free
     nodes = np.linspace(-math.pi, math.pi, biasGrid.shape[0])
-    kT = 0.0083144626181532 * temperatureK
-    logWeights = RegularGridInterpolator((nodes, nodes), biasGrid)(angles[:, ::-1]) / kT
-    weights = np.exp(logWeights - logWeights.max())
-    weights[: int(settings.discard * len(weights))] = 0.0
-    weights *= len(weights) / weights.sum()
+    finalBias = RegularGridInterpolator((nodes, nodes), biasGrid)(angles[:, ::-1])
+    weights = finalBiasFactors(finalBias, BOLTZMANN * temperatureK, settings.discard)
     np.savetxt(path, weights, fmt="%.8g", header="reweighting factor per frame (final-bias well-tempered metadynamics)")
+
+
+def finalBiasFactors(finalBias, kT, discard):
+    """Reweighting factors ``exp(V_t/kT)`` of frames at which the final bias is ``V_t`` (the unit of ``kT``), 0 for
+    the first ``discard`` fraction (the bias there is still far from its final shape), normalised to mean 1.
+
+    Examples
+    --------
+    >>> finalBiasFactors(np.array([5.0, 0.0, np.log(3.0)]), 1.0, 1 / 3).tolist()
+    [0.0, 0.75, 2.25]
+    """
+    logWeights = np.asarray(finalBias, dtype=float) / kT
+    logWeights[: int(discard * len(logWeights))] = -np.inf
+    weights = np.exp(logWeights - logWeights.max())
+    return weights * len(weights) / weights.sum()
 
 
 def _stepCounts(ns, timestep, reportInterval):
