@@ -182,7 +182,7 @@ def load_topology(path: str) -> "mdtraj.Topology":
     try:
         return mdtraj.load_topology(path)
     except Exception as error:
-        raise ValueError(f"cannot read topology {path}: {_first_line(error)}") from None
+        raise ValueError(f"cannot read topology {path}: {error_line(error)}") from None
 
 
 def load_trajectories(paths: Sequence[str], topology: str, selection: Optional[str] = None, stride: int = 1,
@@ -293,13 +293,27 @@ def _load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk):
     except _NonFiniteFrames as error:
         raise ValueError(str(error)) from None
     except ValueError as error:
-        raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {_first_line(error)}") from None
+        raise ValueError(f"cannot read {path} with topology of {top.n_atoms} atoms: {error_line(error)}") from None
     if not xyz:
         raise ValueError(f"{path}: no frames in the range start={start}, stop={stop}, stride={stride} "
                          f"(the file has {n_total})")
     positions = np.concatenate(xyz)
     box = None if boxes[0] is None else np.concatenate(boxes).astype(np.float64)
     return positions, box, np.concatenate(read), n_total
+
+
+def error_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (OpenMM, torch and some readers append tracebacks or
+    start with a newline), or its type name when it is blank. :func:`nct_openmm.core.serialization.error_line` is
+    its twin inside the core, which cannot import this module (nor this module torch).
+
+    Examples
+    --------
+    >>> error_line(ValueError("\\nbad file\\n  detail"))
+    'bad file'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 class _NonFiniteFrames(ValueError):
@@ -340,12 +354,6 @@ def _check_same_atoms(own, top):
                              "out in the topology's order, or use that file as the topology)")
 
 
-def _first_line(error) -> str:
-    """The first non-blank line of an exception's message (some readers' messages start with a newline)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _count_frames(path, top) -> int:
     """Frame count without loading coordinates when the format allows it."""
     try:
@@ -357,7 +365,7 @@ def _count_frames(path, top) -> int:
         return sum(piece.n_frames for _, piece in _iter_chunks(path, top, 10000))
     except Exception as error:
         raise ValueError(f"cannot read trajectory {path} with topology of {top.n_atoms} atoms: "
-                         f"{_first_line(error)}") from None
+                         f"{error_line(error)}") from None
 
 
 def _atoms_per_frame(path) -> Optional[int]:

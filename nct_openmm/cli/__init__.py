@@ -11,6 +11,8 @@ import sys
 
 import openmm
 
+from nct_openmm.data import error_line
+
 #: Subcommand modules, in the order ``nct --help`` lists them.
 SUBCOMMANDS = ("sample", "train", "info", "analyze", "export", "metad")
 
@@ -66,8 +68,7 @@ def main(argv=None):
     except (CommandError, ValueError, OSError, RuntimeError, ArithmeticError, pickle.UnpicklingError,
             openmm.OpenMMException) as error:
         # One line: the first of the message (OpenMM and torch append their own tracebacks below it).
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        print(f"nct {args.command}: error: {lines[0]}", file=sys.stderr)
+        print(f"nct {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
 
 

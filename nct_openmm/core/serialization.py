@@ -11,6 +11,20 @@ FORMAT_NAME = "nct_openmm.model"
 FORMAT_VERSION = 1
 
 
+def error_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (torch appends tracebacks, some readers start with a
+    newline), or its type name when the message is blank. The core's copy of :func:`nct_openmm.data.error_line`:
+    the core imports nothing outside itself.
+
+    Examples
+    --------
+    >>> error_line(ValueError("\\nbad file\\n  detail"))
+    'bad file'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class ModelFileError(ValueError):
     """A model file that cannot be used: unreadable, corrupt, foreign or of an unsupported format version."""
 
@@ -70,9 +84,8 @@ def rebuilt(path, build):
     try:
         return build()
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelFileError(f"{path} is an incomplete or damaged nct_openmm model file "
-                             f"({type(error).__name__}: {first_line})") from error
+                             f"({type(error).__name__}: {error_line(error)})") from error
 
 
 def _check_plain(value, where: str) -> None:

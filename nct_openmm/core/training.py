@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .layers import AffinePoint
 from .model import FlowConfig, NCTModel
+from .serialization import error_line
 
 
 def augment_momenta(q: Tensor, masses=1.0, kT: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -167,10 +168,9 @@ class CompiledLoss:
         try:
             value = self._compiled(*batch)
         except Exception as error:  # inductor reports a missing compiler and the like under many exception types
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            raise RuntimeError(f"compiling the training loss failed ({type(error).__name__}: {first_line}); train "
-                               "without compile_loss, or install what torch.compile needs (a C++ compiler on a CPU, "
-                               "Triton on a GPU)") from error
+            raise RuntimeError(f"compiling the training loss failed ({type(error).__name__}: {error_line(error)}); "
+                               "train without compile_loss, or install what torch.compile needs (a C++ compiler on a "
+                               "CPU, Triton on a GPU)") from error
         self._checked = True
         return value
 
@@ -339,8 +339,8 @@ class Trainer:
         try:
             state = torch.load(path, weights_only=True)
         except Exception as error:
-            lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-            raise ValueError(f"cannot read the checkpoint {path} (corrupt, or not a checkpoint): {lines[0]}") from None
+            raise ValueError(f"cannot read the checkpoint {path} (corrupt, or not a checkpoint): "
+                             f"{error_line(error)}") from None
         missing = sorted(_CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
         if missing:
             raise ValueError(f"{path} is not a training checkpoint (it lacks {', '.join(missing)}): delete it, or "
