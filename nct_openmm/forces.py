@@ -211,7 +211,7 @@ def _checkMode(cvModule, mode):
     """Return ``mode`` as an int, or raise ValueError naming the modes that exist."""
     numModes = _numModes(cvModule)
     try:
-        index = operator.index(mode)
+        index = operator.index(mode)  # any integer type, numpy's and torch's included
     except TypeError:
         index = None
     if index is None or isinstance(mode, bool):
@@ -451,18 +451,18 @@ class LatentBiasForce:
         warnIfBoxIsIgnored(system, self._periodic, "this LatentBiasForce")
         group = freeForceGroup(system) if forceGroup is None else checkForceGroup(forceGroup)
         parameters = self._globalParameters()
-        name = f"LatentBiasForce {self._prefix}"
+        # Every bias has its mode read-outs among them, so one with this prefix always clashes.
         clashes = sorted(set(parameters) & globalParameterNames(system))
-        if clashes or any(force.getName() == name for force in system.getForces()):
+        if clashes:
             raise ValueError(f"the System already has a LatentBiasForce with prefix {self._prefix!r} or global "
-                             f"parameters {clashes or 'of that prefix'}: give this one another prefix= (two biases "
-                             "with one prefix would share their centres and read-outs)")
+                             f"parameters {clashes}: give this one another prefix= (two biases with one prefix "
+                             "would share their centres and read-outs)")
         module = _latentBiasModule(self._periodic, len(parameters))(
             self._cvModule, list(self._restraints), list(self._walls))
         self._force = createTorchForce(module, periodic=self._periodic, cudaGraphs=self._cudaGraphs,
                                        globalParameters=parameters,
                                        energyParameterDerivatives=self._valueParameters(), forceGroup=group)
-        self._force.setName(name)
+        self._force.setName(f"LatentBiasForce {self._prefix}")
         return system.addForce(self._force)
 
     def getForce(self):

@@ -995,7 +995,7 @@ def _checkSystem(system, cvModule):
     required, available = int(cvModule.num_atoms_required), system.getNumParticles()
     if available < required:
         raise ValueError(f"the CV module needs at least {required} particles, but the System has {available}")
-    if any(force.getName() == FORCE_NAME for force in system.getForces()) or _HILL_ID in globalParameterNames(system):
+    if _HILL_ID in globalParameterNames(system):  # also for a force renamed by XmlSerializer
         raise ValueError("the System already holds a LatentMetadynamics force; use one per System (its global "
                          "parameter names are fixed)")
 
