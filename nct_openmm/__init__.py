@@ -11,5 +11,6 @@ The package is layered so that data flows one way:
   forces; :mod:`nct_openmm.integrators` — multiple time stepping that applies such a bias every n-th step.
 - :mod:`nct_openmm.analysis` — spectra, mutual information, PCA baseline, interpolation.
 - :mod:`nct_openmm.cli` — the ``nct`` command.
+- :mod:`nct_openmm.messages` — the one-line error messages every layer shows; imports nothing.
 """
 __version__ = "0.1.0"

@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence
 import mdtraj
 import numpy as np
 
+from nct_openmm.messages import error_line
+
 #: Residue names treated as ions (never part of the default selection).
 ION_RESIDUES = {"NA", "CL", "K", "MG", "CA", "ZN", "LI", "RB", "CS", "F", "BR", "I", "Na+", "Cl-", "K+", "NA+", "CL-",
                 "SOD", "CLA", "POT", "CAL", "CES", "LIT", "ZN2", "MG2"}  # the second line: CHARMM names
@@ -300,20 +302,6 @@ def _load_one(path, top, atom_indices, start, stop, stride, max_frames, chunk):
     positions = np.concatenate(xyz)
     box = None if boxes[0] is None else np.concatenate(boxes).astype(np.float64)
     return positions, box, np.concatenate(read), n_total
-
-
-def error_line(error: BaseException) -> str:
-    """The first non-blank line of an exception's message (OpenMM, torch and some readers append tracebacks or
-    start with a newline), or its type name when it is blank. :func:`nct_openmm.core.serialization.error_line` is
-    its twin inside the core, which cannot import this module (nor this module torch).
-
-    Examples
-    --------
-    >>> error_line(ValueError("\\nbad file\\n  detail"))
-    'bad file'
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 class _NonFiniteFrames(ValueError):

@@ -12,6 +12,7 @@ from nct_openmm.core import (AffineCoupling, AffinePoint, FlowConfig, LinearPoin
                              NCTModel, coupling_masks, fit_likelihood, fit_variational, model_from_data,
                              negative_log_likelihood, path_gradient_objective, variational_loss,
                              variational_objective)
+from nct_openmm import messages
 from nct_openmm.core import layers, linear, model as model_module, prior, training
 from nct_openmm.core.serialization import save_payload
 
@@ -191,7 +192,7 @@ def test_scripted_coupling_pullback_is_the_jacobian():
                           atol=1e-12)
 
 
-@pytest.mark.parametrize("module", [layers, linear, model_module, prior, training])
+@pytest.mark.parametrize("module", [layers, linear, model_module, prior, training, messages])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

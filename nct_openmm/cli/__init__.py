@@ -11,7 +11,7 @@ import sys
 
 import openmm
 
-from nct_openmm.data import error_line
+from nct_openmm.messages import error_line
 
 #: Subcommand modules, in the order ``nct --help`` lists them.
 SUBCOMMANDS = ("sample", "train", "info", "analyze", "export", "metad")

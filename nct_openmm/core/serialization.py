@@ -7,22 +7,10 @@ import os
 
 import torch
 
+from ..messages import error_line
+
 FORMAT_NAME = "nct_openmm.model"
 FORMAT_VERSION = 1
-
-
-def error_line(error: BaseException) -> str:
-    """The first non-blank line of an exception's message (torch appends tracebacks, some readers start with a
-    newline), or its type name when the message is blank. The core's copy of :func:`nct_openmm.data.error_line`:
-    the core imports nothing outside itself.
-
-    Examples
-    --------
-    >>> error_line(ValueError("\\nbad file\\n  detail"))
-    'bad file'
-    """
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 class ModelFileError(ValueError):

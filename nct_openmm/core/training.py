@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .layers import AffinePoint
 from .model import FlowConfig, NCTModel
-from .serialization import error_line
+from ..messages import error_line
 
 
 def augment_momenta(q: Tensor, masses=1.0, kT: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
